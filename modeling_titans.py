@@ -1,0 +1,1106 @@
+# Copyright 2026 The Titans-HF authors. Apache-2.0.
+"""PyTorch Titans: a causal LM whose layers carry a neural long-term memory that keeps learning at test time.
+
+Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663. Equation numbers in the
+comments refer to that paper (v1). Every interpretation choice is listed once in `model_card.md`.
+
+Layout follows `modeling_llama.py`: norm -> rotary -> MLP -> neural memory (+ its cache state) -> attention ->
+decoder layer -> cache -> PreTrainedModel -> Model -> ForCausalLM.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+
+
+try:  # loaded as Hub remote code: the module lives in transformers_modules.<repo>.<hash>
+    from .configuration_titans import TitansConfig
+except ImportError:  # installed top-level py_module, or run from the repository root
+    from configuration_titans import TitansConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+class TitansRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class TitansRotaryEmbedding(nn.Module):
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = "default"
+        inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: TitansConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
+        freqs = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1):
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+class TitansMLP(nn.Module):
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Neural long-term memory: pure functions over one state (chunk-parallel form; decoding reuses it on the buffer).
+# ----------------------------------------------------------------------------------------------------------------
+
+_MEMORY_ACTIVATIONS = {
+    "silu": (F.silu, lambda z: torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z)))),
+    "gelu": (
+        lambda z: F.gelu(z),
+        lambda z: 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327,
+    ),
+    "tanh": (torch.tanh, lambda z: 1 - torch.tanh(z) ** 2),
+}
+
+
+def memory_apply(weights: tuple[torch.Tensor, ...], x: torch.Tensor, activation: str) -> torch.Tensor:
+    """Retrieval y = M*(x) (Eq. 15): a forward pass of the memory MLP without changing its weights.
+
+    `weights[l]` has shape (B, H, d_out, d_in); x is (B, H, T, d). Deep memories (L_M >= 2) carry a residual
+    connection, M(x) = x + W_L σ(... σ(W_1 x)), as in the authors' follow-up work (model card, decision D3).
+    """
+    act, _ = _MEMORY_ACTIVATIONS[activation]
+    a = x
+    for layer, weight in enumerate(weights):
+        a = a @ weight.transpose(-1, -2)
+        if layer < len(weights) - 1:
+            a = act(a)
+    return a + x if len(weights) > 1 else a
+
+
+def memory_chunk_update(
+    weights: tuple[torch.Tensor, ...],
+    momentum: tuple[torch.Tensor, ...],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    log_eta: torch.Tensor,
+    log_keep: torch.Tensor,
+    activation: str,
+):
+    """One chunk of the chunk-parallel memory (paper §3.2, Eq. 16-18), exact per token.
+
+    Inside the chunk every gradient u_j = ∇ℓ(M_0; k_j, v_j) is taken at the chunk-start weights M_0 (Eq. 16), with the
+    associative loss ℓ = ||M(k) - v||² (Eq. 12). Unrolling S_i = η_i S_{i-1} - θ_i u_i (Eq. 10/14) and
+    M_i = (1 - α_i) M_{i-1} + S_i (Eq. 13) gives, with β_i = Π(1-α), m_i = Π η, n_ij = θ_j Π_{j<k<=i} η_k:
+
+        S_i = m_i S_0 - Σ_j n_ij u_j,     M_i = β_i M_0 + f_i S_0 - Σ_j G_ij u_j,
+        f_i = Σ_{k<=i} (β_i/β_k) m_k,     G = tril(β_i/β_k) @ N.
+
+    Retrieval with the per-token weights M_i uses the dual form (each u_j is an outer product δ_j a_jᵀ per layer),
+    so no per-token weight copy is ever made. Shapes: q, k, v (B, H, b, d); lr, log_eta, log_keep (B, H, b).
+    Returns (outputs (B, H, b, d), weights at the chunk end, momentum at the chunk end).
+    """
+    act, act_grad = _MEMORY_ACTIVATIONS[activation]
+    depth = len(weights)
+    b = k.shape[-2]
+
+    # forward at M_0 on the keys and analytic backward of ||M(k) - v||²
+    inputs, pre_acts = [], []
+    a = k
+    for layer, weight in enumerate(weights):
+        inputs.append(a)
+        z = a @ weight.transpose(-1, -2)
+        pre_acts.append(z)
+        a = act(z) if layer < depth - 1 else z
+    prediction = a + k if depth > 1 else a
+    delta = 2.0 * (prediction - v)
+    deltas = [None] * depth
+    for layer in reversed(range(depth)):
+        deltas[layer] = delta
+        if layer > 0:
+            delta = (delta @ weights[layer]) * act_grad(pre_acts[layer - 1])
+
+    # decay / momentum coefficients in log space (stable: every exponent is <= 0)
+    causal = torch.ones(b, b, dtype=torch.bool, device=k.device).tril()
+    cum_eta = log_eta.cumsum(-1)
+    cum_keep = log_keep.cumsum(-1)
+    decay = torch.exp((cum_keep[..., :, None] - cum_keep[..., None, :]).masked_fill(~causal, float("-inf")))
+    carry = torch.exp((cum_eta[..., :, None] - cum_eta[..., None, :]).masked_fill(~causal, float("-inf")))
+    n = carry * lr[..., None, :]
+    g = decay @ n
+    m = torch.exp(cum_eta)
+    beta = torch.exp(cum_keep)
+    f = (decay @ m[..., None]).squeeze(-1)
+
+    # per-token retrieval y_i = M_i(q_i) by the dual form
+    a = q
+    for layer in range(depth):
+        z = (
+            beta[..., None] * (a @ weights[layer].transpose(-1, -2))
+            + f[..., None] * (a @ momentum[layer].transpose(-1, -2))
+            - (g * (a @ inputs[layer].transpose(-1, -2))) @ deltas[layer]
+        )
+        a = act(z) if layer < depth - 1 else z
+    outputs = a + q if depth > 1 else a
+
+    # states at the chunk end
+    g_last, n_last = g[..., -1, :, None], n[..., -1, :, None]
+    beta_last, f_last, m_last = beta[..., -1, None, None], f[..., -1, None, None], m[..., -1, None, None]
+    new_weights, new_momentum = [], []
+    for layer in range(depth):
+        new_weights.append(
+            beta_last * weights[layer] + f_last * momentum[layer] - (deltas[layer] * g_last).transpose(-1, -2) @ inputs[layer]
+        )
+        new_momentum.append(m_last * momentum[layer] - (deltas[layer] * n_last).transpose(-1, -2) @ inputs[layer])
+    return outputs, tuple(new_weights), tuple(new_momentum)
+
+
+def memory_scan(weights, momentum, q, k, v, lr, log_eta, log_keep, chunk_size, activation, select_chunk=None):
+    """Chunk-parallel memory over a sequence whose length is a multiple of `chunk_size`.
+
+    The inter-chunk recurrence is sequential (the gradient of chunk c needs M at its start); inside a chunk all is
+    matmuls (`memory_chunk_update`). If `select_chunk` (B,) is given, the returned state of row r is the one after
+    `select_chunk[r]` chunks (rows may hold different numbers of real tokens); otherwise the final state.
+    """
+    outputs = []
+    selected_w, selected_s = weights, momentum
+    for c, start in enumerate(range(0, k.shape[-2], chunk_size)):
+        sl = slice(start, start + chunk_size)
+        out, weights, momentum = memory_chunk_update(
+            weights, momentum, q[..., sl, :], k[..., sl, :], v[..., sl, :],
+            lr[..., sl], log_eta[..., sl], log_keep[..., sl], activation,
+        )  # fmt: skip
+        outputs.append(out)
+        if select_chunk is not None:
+            take = (select_chunk == c + 1).view(-1, *([1] * (weights[0].dim() - 1)))
+            selected_w = tuple(torch.where(take, w, s) for w, s in zip(weights, selected_w))
+            selected_s = tuple(torch.where(take, w, s) for w, s in zip(momentum, selected_s))
+    if select_chunk is None:
+        selected_w, selected_s = weights, momentum
+    return torch.cat(outputs, dim=-2), selected_w, selected_s
+
+
+def _compact(x: torch.Tensor, valid: torch.Tensor):
+    """Move each row's valid (non-padding) positions to the front, keeping their order. Returns (x', perm)."""
+    perm = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    return _gather_time(x, perm), perm
+
+
+def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, t], ...] for x of shape (B, T, ...)."""
+    shape = index.shape + x.shape[2:]
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(shape))
+
+
+class TitansMemoryState:
+    """Everything the memory of one layer needs to continue a stream (held by `TitansCache`, batch first).
+
+    weights / momentum: M and S at the last chunk boundary, one tensor per memory layer, (B, H, d_out, d_in), fp32.
+    buffer_{k,v,gates}: keys, values and (θ, log η, log(1-α)) of the tokens since that boundary, (B, H, b, ·);
+    buffer_length (B,) says how many slots are real. conv: the last K-1 pre-convolution q/k/v projections.
+    """
+
+    _FIELDS = ("weights", "momentum", "buffer_k", "buffer_v", "buffer_gates", "buffer_length", "conv")
+
+    def __init__(self, weights, momentum, buffer_k, buffer_v, buffer_gates, buffer_length, conv):
+        self.weights, self.momentum = tuple(weights), tuple(momentum)
+        self.buffer_k, self.buffer_v, self.buffer_gates = buffer_k, buffer_v, buffer_gates
+        self.buffer_length, self.conv = buffer_length, conv
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self._FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                out.update({f"{name}.{i}": t for i, t in enumerate(value)})
+            elif value is not None:
+                out[name] = value
+        return out
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TitansMemoryState":
+        self.weights = tuple(fn(t) for t in self.weights)
+        self.momentum = tuple(fn(t) for t in self.momentum)
+        for name in ("buffer_k", "buffer_v", "buffer_gates", "buffer_length", "conv"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        return self
+
+
+class TitansNeuralMemory(nn.Module):
+    """Neural long-term memory (paper §3.1-3.2, block of §4.4).
+
+    q/k/v = SiLU(ShortConv(x W_{Q,K,V})), q and k ℓ2-normalised per head; per-token, per-head inner learning rate
+    θ_t, momentum η_t and forgetting α_t = sigmoid(Linear(x_t)); memory = H independent MLPs of depth L_M whose
+    initial weights are learned; output = o_proj(RMSNorm(y) ⊙ SiLU(g_proj(x))) (GSS-style gate, §4.4).
+    Parameters per layer: 4·D·H·d (q, k, v, gate) + H·d·D (out) + 3·D·H (gates) + H·|M| + 3·H·d·K (conv).
+    """
+
+    def __init__(self, config: TitansConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_memory_heads
+        self.head_dim = config.memory_head_dim
+        self.chunk_size = config.memory_chunk_size
+        self.conv_size = config.memory_conv_size
+        self.activation = config.memory_activation
+        inner = self.num_heads * self.head_dim
+
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.g_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        self.lr_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        self.forget_proj = (
+            nn.Linear(config.hidden_size, self.num_heads, bias=False) if config.memory_use_forgetting else None
+        )
+        self.momentum_proj = (
+            nn.Linear(config.hidden_size, self.num_heads, bias=False) if config.memory_use_momentum else None
+        )
+        self.output_norm = TitansRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        # Direct parameters (initialised in `_init_weights`): gate biases (θ, α, η), depthwise conv, and the
+        # learned initial memory weights M_0 per head.
+        self.gate_bias = nn.Parameter(torch.zeros(3, self.num_heads))
+        self.conv_weight = nn.Parameter(torch.zeros(3 * inner, max(self.conv_size, 1))) if self.conv_size else None
+        dims = [self.head_dim] + [config.memory_hidden_dim] * (config.memory_depth - 1) + [self.head_dim]
+        self.memory_weights = nn.ParameterList(
+            [nn.Parameter(torch.zeros(self.num_heads, dims[i + 1], dims[i])) for i in range(config.memory_depth)]
+        )
+
+    # -- projections --------------------------------------------------------------------------------------------
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H*d) -> (B, H, T, d) in fp32
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2).float()
+
+    def _short_conv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
+        """Depthwise causal convolution over time (§4.4); returns (output, padded input for the next state)."""
+        if self.conv_weight is None:
+            return x, None
+        k = self.conv_size
+        if conv_state is None:
+            conv_state = x.new_zeros(x.shape[0], k - 1, x.shape[-1])
+        padded = torch.cat([conv_state.to(x.dtype), x], dim=1)
+        out = F.conv1d(padded.transpose(1, 2), self.conv_weight.unsqueeze(1).to(x.dtype), groups=x.shape[-1])
+        return out.transpose(1, 2), padded
+
+    def _gates(self, x: torch.Tensor):
+        """θ_t, log η_t, log(1 - α_t): per token and head, (B, H, T) in fp32 (Eq. 13-14 made data-dependent)."""
+        bias = self.gate_bias.float()
+        lr = self.config.memory_max_lr * torch.sigmoid(self.lr_proj(x).float() + bias[0])
+        if self.forget_proj is not None:
+            log_keep = F.logsigmoid(-(self.forget_proj(x).float() + bias[1]))
+        else:
+            log_keep = torch.zeros_like(lr)
+        if self.momentum_proj is not None:
+            log_eta = F.logsigmoid(self.momentum_proj(x).float() + bias[2])
+        else:  # η = 0 (ablation): a large negative log keeps the closed form finite and exact
+            log_eta = torch.full_like(lr, -1e4)
+        return torch.stack([lr, log_eta, log_keep], dim=-1).transpose(1, 2)
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = self.output_norm(y.transpose(1, 2).to(x.dtype))  # (B, T, H, d)
+        gate = F.silu(self.g_proj(x)).view(*x.shape[:2], self.num_heads, self.head_dim)
+        return self.o_proj((y * gate).flatten(2))
+
+    def initial_state(self, batch_size: int, device, dtype=torch.float32) -> TitansMemoryState:
+        weights = tuple(w.float().unsqueeze(0).expand(batch_size, *w.shape) for w in self.memory_weights)
+        inner = self.num_heads * self.head_dim
+        zeros = lambda *s: torch.zeros(*s, device=device)  # noqa: E731
+        return TitansMemoryState(
+            weights=weights,
+            momentum=tuple(torch.zeros_like(w) for w in weights),
+            buffer_k=zeros(batch_size, self.num_heads, self.chunk_size, self.head_dim),
+            buffer_v=zeros(batch_size, self.num_heads, self.chunk_size, self.head_dim),
+            buffer_gates=zeros(batch_size, self.num_heads, self.chunk_size, 3),
+            buffer_length=torch.zeros(batch_size, dtype=torch.long, device=device),
+            conv=torch.zeros(batch_size, max(self.conv_size - 1, 0), 3 * inner, device=device, dtype=dtype),
+        )
+
+    def retrieve(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """MAC's h_t = M*_{t-1}(q_t) (Eq. 21): read a given memory state with the queries of x, no update."""
+        q = F.normalize(self._split_heads(F.silu(self.q_proj(x))), dim=-1)
+        return self._output(memory_apply(weights, q, self.activation), x)
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        state: TitansMemoryState | None = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, TitansMemoryState | None]:
+        """Write x into the memory token by token (Eq. 13-14) and read each token's output y_t = M_t(q_t) (Eq. 15).
+
+        `valid` (B, T) marks real tokens; padding never writes into the memory: each row is compacted so that its
+        chunk boundaries count real tokens only. With a `state` (cache, or MAC's next segment), the stream continues
+        exactly where it stopped, whatever the split of the input into calls.
+        """
+        bsz, seq_len, _ = x.shape
+        b = self.chunk_size
+        fast = valid is None and state is None and not return_state
+        if fast:
+            xc, perm, count = x, None, None
+        else:
+            if valid is None:
+                valid = torch.ones(bsz, seq_len, dtype=torch.bool, device=x.device)
+            xc, perm = _compact(x, valid)
+            count = valid.sum(1)
+            if state is None:
+                state = self.initial_state(bsz, x.device, x.dtype)
+
+        projected = torch.cat([self.q_proj(xc), self.k_proj(xc), self.v_proj(xc)], dim=-1)
+        conv_out, conv_in = self._short_conv(projected, None if fast else state.conv)
+        q, k, v = F.silu(conv_out).chunk(3, dim=-1)
+        q, k, v = F.normalize(self._split_heads(q), dim=-1), F.normalize(self._split_heads(k), dim=-1), self._split_heads(v)
+        gates = self._gates(xc)  # (B, H, T, 3)
+
+        if fast:
+            weights = tuple(w.float().unsqueeze(0).expand(bsz, *w.shape) for w in self.memory_weights)
+            momentum = tuple(torch.zeros_like(w) for w in weights)
+            offset, total, select = 0, None, None
+        else:
+            # [buffered tokens of the open chunk | new real tokens], per row shifted so both are contiguous
+            buffer_len = state.buffer_length
+            slots = torch.arange(b + seq_len, device=x.device)
+            source = torch.where(slots[None] < buffer_len[:, None], slots[None], slots[None] + b - buffer_len[:, None])
+            source = source.clamp(max=b + seq_len - 1)
+            join = lambda old, new: _gather_time(torch.cat([old, new], dim=2).transpose(1, 2), source).transpose(1, 2)  # noqa: E731
+            q = join(torch.zeros_like(state.buffer_k), q)
+            k, v, gates = join(state.buffer_k, k), join(state.buffer_v, v), join(state.buffer_gates, gates)
+            total = buffer_len + count
+            weights, momentum, offset = state.weights, state.momentum, buffer_len
+            select = total // b
+
+        # pad to whole chunks with neutral tokens (θ = 0, η = 1, α = 0): they never precede a real token
+        length = q.shape[2] if total is None else max(int(total.max()), 1)
+        padded = -(-length // b) * b
+        q, k, v, gates = (t[:, :, :length] for t in (q, k, v, gates))
+        if padded > length:
+            pad = padded - length
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            gates = F.pad(gates, (0, 0, 0, pad))
+        if not fast:  # neutralise everything past each row's real tokens
+            beyond = torch.arange(padded, device=x.device)[None, None, :, None] >= total[:, None, None, None]
+            gates = gates.masked_fill(beyond, 0.0)
+        out, new_w, new_s = memory_scan(
+            weights, momentum, q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], b, self.activation, select
+        )
+
+        if fast:
+            return self._output(out[:, :, :seq_len], x), None
+
+        # outputs of the new tokens back to their original slots
+        index = (offset[:, None] + torch.arange(seq_len, device=x.device)[None]).clamp(max=padded - 1)
+        out = _gather_time(out.transpose(1, 2), index)  # (B, T, H, d), compacted order
+        out = _gather_time(out, torch.argsort(perm, dim=1)).transpose(1, 2)
+        result = self._output(out, x) * valid[..., None].to(x.dtype)
+
+        # open chunk of each row -> new buffer; last K-1 real projections -> new conv state
+        start = (select * b)[:, None] + torch.arange(b, device=x.device)[None]
+        start = start.clamp(max=padded - 1)
+        take = lambda t: _gather_time(t.transpose(1, 2), start).transpose(1, 2)  # noqa: E731
+        new_state = TitansMemoryState(
+            weights=new_w,
+            momentum=new_s,
+            buffer_k=take(k),
+            buffer_v=take(v),
+            buffer_gates=take(gates),
+            buffer_length=total - select * b,
+            conv=(
+                _gather_time(conv_in, count[:, None] + torch.arange(self.conv_size - 1, device=x.device)[None])
+                if conv_in is not None
+                else state.conv
+            ),
+        )
+        return result, new_state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention: sliding window (MAG, MAL, layers without memory) or MAC segments, with persistent tokens (§3.3)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+def titans_attention_mask(q_pos, kv_pos, num_cached, num_persistent, window=None, segment=None, lookback=None):
+    """Boolean (B, 1, Lq, Np + Lk) mask from absolute token positions (-1 marks padding).
+
+    Positions count real tokens per row, so left padding and per-row phases (batched generation) are exact.
+    Persistent tokens are visible to every query; a padding query sees only itself (its output is discarded).
+    """
+    q, kv = q_pos[:, :, None], kv_pos[:, None, :]
+    allowed = (kv >= 0) & (kv <= q)
+    if window is not None:
+        allowed &= q - kv < window
+    if segment is not None:  # MAC: causal attention inside the segment (Fig. 3a)
+        allowed &= torch.div(kv, segment, rounding_mode="floor") == torch.div(q, segment, rounding_mode="floor")
+    if lookback is not None:
+        allowed &= q - kv < lookback
+    q_len = q_pos.shape[1]
+    own = torch.zeros(q_len, kv_pos.shape[1], dtype=torch.bool, device=q_pos.device)
+    own[:, num_cached:].fill_diagonal_(True)
+    allowed |= own[None] & (q < 0)
+    prefix = allowed.new_ones(*allowed.shape[:2], num_persistent)
+    return torch.cat([prefix, allowed], dim=-1)[:, None]
+
+
+class TitansAttention(nn.Module):
+    """Multi-head attention with N_p persistent tokens (Eq. 19) prepended to the keys.
+
+    `segment=False`: sliding window of `attention_window` tokens (SW-Attn of MAG/MAL, Eq. 27/31).
+    `segment=True`: MAC attention (Eq. 22-23) inside segments of `attention_window` tokens over
+    [persistent | retrieved memory h | segment tokens], both h and tokens causal.
+    """
+
+    def __init__(self, config: TitansConfig, layer_idx: int, segment: bool = False):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.segment = segment
+        self.window = config.attention_window
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.persistent_tokens = (
+            nn.Parameter(torch.zeros(config.num_persistent_tokens, config.hidden_size))
+            if config.num_persistent_tokens
+            else None
+        )
+
+    def _kv(self, x, cos, sin):
+        shape = (*x.shape[:2], -1, self.head_dim)
+        k = apply_rotary_pos_emb(self.k_proj(x).view(shape).transpose(1, 2), cos, sin)
+        return k, self.v_proj(x).view(shape).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+        layer_cache: "TitansLayerCache | None" = None,
+        context: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, q_len, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        query = apply_rotary_pos_emb(
+            self.q_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2), cos, sin
+        )
+        key, value = self._kv(hidden_states, cos, sin)
+        kv_pos = positions
+        num_cached = 0
+        if layer_cache is not None and layer_cache.keys is not None:
+            num_cached = layer_cache.keys.shape[2]
+            key = torch.cat([layer_cache.keys, key], dim=2)
+            value = torch.cat([layer_cache.values, value], dim=2)
+            kv_pos = torch.cat([layer_cache.positions, positions], dim=1)
+
+        keep = self.window - 1  # a query sees itself and at most window-1 earlier tokens
+        if self.segment:
+            mask = titans_attention_mask(positions, kv_pos, num_cached, 0, segment=self.window)
+            ctx_key, ctx_value = self._kv(context, cos, sin)
+            if layer_cache is not None and layer_cache.context_keys is not None:
+                ctx_key = torch.cat([layer_cache.context_keys, ctx_key], dim=2)
+                ctx_value = torch.cat([layer_cache.context_values, ctx_value], dim=2)
+            ctx_mask = titans_attention_mask(
+                positions, kv_pos, num_cached, 0, segment=self.window, lookback=self.config.num_memory_tokens
+            )
+            ctx_mask &= (positions >= 0)[:, None, :, None]
+            n_p = 0 if self.persistent_tokens is None else self.persistent_tokens.shape[0]
+            mask = torch.cat([mask.new_ones(bsz, 1, q_len, n_p), ctx_mask, mask], dim=-1)
+            all_key, all_value = torch.cat([ctx_key, key], dim=2), torch.cat([ctx_value, value], dim=2)
+        else:
+            n_p = 0 if self.persistent_tokens is None else self.persistent_tokens.shape[0]
+            mask = titans_attention_mask(positions, kv_pos, num_cached, n_p, window=self.window)
+            all_key, all_value = key, value
+
+        if layer_cache is not None:
+            start = max(key.shape[2] - keep, 0)
+            layer_cache.keys, layer_cache.values = key[:, :, start:], value[:, :, start:]
+            layer_cache.positions = kv_pos[:, start:]
+            if self.segment:
+                layer_cache.context_keys, layer_cache.context_values = ctx_key[:, :, start:], ctx_value[:, :, start:]
+
+        if self.persistent_tokens is not None:  # position-free: no RoPE on persistent keys (model card D8)
+            p = self.persistent_tokens.to(hidden_states.dtype)
+            p_key = self.k_proj(p).view(p.shape[0], -1, self.head_dim).transpose(0, 1)[None].expand(bsz, -1, -1, -1)
+            p_value = self.v_proj(p).view(p.shape[0], -1, self.head_dim).transpose(0, 1)[None].expand(bsz, -1, -1, -1)
+            all_key = torch.cat([p_key, all_key], dim=2)
+            all_value = torch.cat([p_value, all_value], dim=2)
+
+        impl = self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+        if impl.startswith("flash"):
+            raise ValueError(
+                f"attn_implementation={impl!r} cannot express Titans' persistent-prefix + window/segment mask; "
+                "use 'sdpa', 'flex_attention' or 'eager'."
+            )
+        if impl == "flex_attention":  # an additive score mask keeps flex exact for any per-row pattern
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            all_key.contiguous(),
+            all_value.contiguous(),
+            mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(bsz, q_len, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache: one small record per decoder layer, beside the model that writes it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TitansLayerCache(CacheLayerMixin):
+    """State of one decoder layer: attention K/V that can still be attended (window-1 tokens, or the open MAC
+    segment, with their absolute positions), MAC's retrieved-memory K/V and segment-start memory, and the neural
+    memory's `TitansMemoryState`. Its size never grows with the number of tokens seen."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = True
+
+    def __init__(self):
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self.keys = self.values = self.positions = None
+        self.context_keys = self.context_values = None
+        self.memory: TitansMemoryState | None = None
+        self.segment_weights: tuple[torch.Tensor, ...] | None = None
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError("TitansLayerCache is written by the Titans layers themselves, not by `update`.")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length + (0 if self.keys is None else self.keys.shape[2]), 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {n: getattr(self, n) for n in ("keys", "values", "positions", "context_keys", "context_values")}
+        out = {n: t for n, t in out.items() if t is not None}
+        if self.segment_weights is not None:
+            out.update({f"segment_weights.{i}": t for i, t in enumerate(self.segment_weights)})
+        if self.memory is not None:
+            out.update({f"memory.{n}": t for n, t in self.memory.tensors().items()})
+        return out
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for name in ("keys", "values", "positions", "context_keys", "context_values"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        if self.segment_weights is not None:
+            self.segment_weights = tuple(fn(t) for t in self.segment_weights)
+        if self.memory is not None:
+            self.memory.apply(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.apply(lambda t: t[indices])
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("A Titans memory cannot be rolled back: its weights were updated by every token.")
+
+    def offload(self):
+        self.apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        pass
+
+
+class TitansCache(Cache):
+    """Recurrent cache of a `TitansForCausalLM` (one `TitansLayerCache` per decoder layer).
+
+    `get_seq_length()` is the number of positions seen (padding included), which `generate()` uses to slice new
+    inputs; `real_tokens` (B,) counts real tokens per row and gives absolute positions. Bounded: O(window + memory
+    size) per layer whatever the stream length. Not croppable, so assisted decoding is refused (`_is_stateful`).
+    """
+
+    def __init__(self, config: TitansConfig, **kwargs):
+        super().__init__(layers=[TitansLayerCache() for _ in range(config.num_hidden_layers)])
+        self.signature = cache_signature(config)
+        self.real_tokens: torch.Tensor | None = None
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.real_tokens is None else self.real_tokens.shape[0]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if self.layers else 0
+
+    def _apply(self, fn):
+        for layer in self.layers:
+            layer.apply(fn)
+        if self.real_tokens is not None:
+            self.real_tokens = fn(self.real_tokens)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._apply(lambda t: t[indices])
+
+    def reset(self):
+        for layer in self.layers:
+            layer.reset()
+        self.real_tokens = None
+
+    def crop(self, max_length: int):
+        raise NotImplementedError("A Titans memory cannot be rolled back: its weights were updated by every token.")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"layers.{i}.{n}": t for i, layer in enumerate(self.layers) for n, t in layer.tensors().items()}
+        if self.real_tokens is not None:
+            out["real_tokens"] = self.real_tokens
+        return out
+
+    def nbytes(self) -> int:
+        """Total bytes of every tensor the cache holds."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def cache_signature(config: TitansConfig) -> dict:
+    """What a cache must agree on with the model that continues it."""
+    keys = (
+        "variant", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "attention_window", "num_memory_heads", "memory_head_dim", "memory_depth", "memory_expansion",
+        "memory_chunk_size", "memory_conv_size", "memory_layers",
+    )  # fmt: skip
+    return {k: getattr(config, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder layer: the only variant-specific part is how attention and memory are wired (paper §4)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TitansDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: TitansConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        has_memory = layer_idx in config.memory_layers
+        # layers without memory are sliding-window attention layers ("swa") in every variant
+        self.mode = config.variant if has_memory else "swa"
+        self.input_layernorm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.mode != "lmm":
+            self.self_attn = TitansAttention(config, layer_idx, segment=self.mode == "mac")
+        if has_memory:
+            self.memory = TitansNeuralMemory(config, layer_idx)
+        if self.mode == "mal":
+            self.memory_layernorm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.mode in ("mag", "mac"):
+            # ⊗ of Eq. 25/28: normalise both branches with learnable weights, then a sigmoid gate
+            self.attention_gate_norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.memory_gate_norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = TitansMLP(config)
+
+    def _gate(self, y: torch.Tensor, memory_out: torch.Tensor) -> torch.Tensor:
+        return self.attention_gate_norm(y) * torch.sigmoid(self.memory_gate_norm(memory_out))
+
+    def _memory(self, x, valid, layer_cache):
+        if layer_cache is None:
+            return self.memory(x, valid)[0]
+        out, layer_cache.memory = self.memory(x, valid, layer_cache.memory, return_state=True)
+        return out
+
+    def _memory_as_context(self, x, position_embeddings, positions, layer_cache):
+        """MAC (Eq. 21-25), segment by segment: retrieve h with the memory before the segment, attend over
+        [persistent | h | segment], write the attention output y into the memory, gate y with M_t(y_t).
+
+        Rows may be at different phases of their segments (left padding, continued caches): the input is cut
+        wherever any row closes a segment, so that no slice crosses a segment boundary of any row.
+        """
+        segment = self.config.attention_window
+        scratch = layer_cache if layer_cache is not None else TitansLayerCache()
+        valid = positions >= 0
+        state = scratch.memory or self.memory.initial_state(x.shape[0], x.device, x.dtype)
+        segment_weights = scratch.segment_weights or state.weights
+        closes = valid & (positions % segment == segment - 1)
+        cuts = sorted({int(i) + 1 for i in closes.any(0).nonzero().flatten().tolist()} | {x.shape[1]})
+        cos, sin = position_embeddings
+        outputs, start = [], 0
+        for end in cuts:
+            sl = slice(start, end)
+            xs = x[:, sl]
+            context = self.memory.retrieve(xs, segment_weights)
+            y, _ = self.self_attn(xs, (cos[:, sl], sin[:, sl]), positions[:, sl], scratch, context=context)
+            memory_out, state = self.memory(y, valid[:, sl], state, return_state=True)
+            outputs.append(self._gate(y, memory_out))
+            done = closes[:, sl].any(1).view(-1, *([1] * (state.weights[0].dim() - 1)))
+            segment_weights = tuple(torch.where(done, w, s) for w, s in zip(state.weights, segment_weights))
+            start = end
+        if layer_cache is not None:
+            layer_cache.memory, layer_cache.segment_weights = state, segment_weights
+        return torch.cat(outputs, dim=1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+        past_key_values: "TitansCache | None" = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        layer_cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        valid = None if padding is None else ~padding
+        residual = hidden_states
+        if self.mode == "mal":  # memory as a layer, then sliding-window attention (Eq. 29-31)
+            hidden_states = residual = residual + self._memory(self.memory_layernorm(hidden_states), valid, layer_cache)
+        x = self.input_layernorm(hidden_states)
+        if self.mode in ("swa", "mal"):
+            out = self.self_attn(x, position_embeddings, positions, layer_cache, **kwargs)[0]
+        elif self.mode == "lmm":  # memory only (§4.3, "memory without attention")
+            out = self._memory(x, valid, layer_cache)
+        elif self.mode == "mag":  # memory as a gate (Eq. 26-28): SW-Attn branch ⊗ memory branch
+            y = self.self_attn(x, position_embeddings, positions, layer_cache, **kwargs)[0]
+            out = self._gate(y, self._memory(x, valid, layer_cache))
+        else:  # mac
+            out = self._memory_as_context(x, position_embeddings, positions, layer_cache)
+        hidden_states = residual + out
+        residual = hidden_states
+        hidden_states = residual + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TitansPreTrainedModel(PreTrainedModel):
+    config_class = TitansConfig
+    config: TitansConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TitansDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = False  # window/segment + persistent prefix is not one FlashAttention call (model card)
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False
+    _supports_attention_backend = False
+    _is_stateful = True  # generate() refuses assisted decoding, which would need to roll the memory back
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # never let generate() build a DynamicCache from this config
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, TitansNeuralMemory):
+            # θ starts at max_lr/2, α ≈ 0.007 (keep almost everything), η ≈ 0.12 (little momentum): the model
+            # learns how much to forget and to carry surprise.
+            init.copy_(module.gate_bias, torch.tensor([[0.0], [-5.0], [-2.0]]).expand_as(module.gate_bias))
+            if module.conv_weight is not None:  # identity kernel: the block starts as plain projections
+                kernel = torch.zeros_like(module.conv_weight)
+                kernel[:, -1] = 1.0
+                init.copy_(module.conv_weight, kernel)
+            for weight in module.memory_weights:
+                init.normal_(weight, mean=0.0, std=weight.shape[-1] ** -0.5)
+        elif isinstance(module, TitansAttention) and module.persistent_tokens is not None:
+            init.normal_(module.persistent_tokens, mean=0.0, std=1.0)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+class TitansModel(TitansPreTrainedModel):
+    def __init__(self, config: TitansConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([TitansDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = TitansRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _check_cache(self, cache, batch_size: int):
+        if cache is None or isinstance(cache, TitansCache):
+            if cache is not None:
+                if cache.signature != cache_signature(self.config):
+                    diff = {k: (v, cache_signature(self.config)[k]) for k, v in cache.signature.items()
+                            if cache_signature(self.config).get(k) != v}  # fmt: skip
+                    raise ValueError(f"This TitansCache was built for another config; mismatched (cache, model): {diff}")
+                if cache.real_tokens is not None and cache.real_tokens.shape[0] != batch_size:
+                    raise ValueError(
+                        f"The TitansCache holds {cache.real_tokens.shape[0]} sequences but the input has batch size "
+                        f"{batch_size}; select or repeat the cache rows first (batch_select_indices / "
+                        "batch_repeat_interleave)."
+                    )
+            return cache
+        if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+            return TitansCache(self.config)  # an empty foreign cache carries nothing: replace it
+        raise TypeError(
+            f"TitansModel needs a TitansCache (or None), got a non-empty {type(cache).__name__}. Pass "
+            "`past_key_values=TitansCache(model.config)` or let generate() create one."
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
+                raise ValueError(
+                    f"input_ids contains token id {int(bad[0])}, outside the vocabulary [0, {self.config.vocab_size})."
+                )
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # the memory state is recomputed inside each checkpointed layer
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        bsz, seq_len = inputs_embeds.shape[:2]
+        cache = self._check_cache(past_key_values, bsz)
+        if use_cache and cache is None:
+            cache = TitansCache(self.config)
+        if not use_cache and past_key_values is None:
+            cache = None
+        seen = cache.get_seq_length() if cache is not None else 0
+
+        # real-token mask of the new positions; generate() passes the mask of the whole sequence so far
+        padding = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != bsz:
+                raise ValueError(f"attention_mask must be a 2D (batch, length) padding mask, got {tuple(attention_mask.shape)}")
+            if attention_mask.shape[1] not in (seq_len, seen + seq_len):
+                raise ValueError(
+                    f"attention_mask has length {attention_mask.shape[1]}, expected {seq_len} (new tokens) or "
+                    f"{seen + seq_len} (cached + new)."
+                )
+            new_mask = attention_mask[:, -seq_len:].bool()
+            if not bool(new_mask.all()):
+                padding = ~new_mask
+        valid = torch.ones(bsz, seq_len, dtype=torch.bool, device=inputs_embeds.device) if padding is None else ~padding
+        before = (
+            cache.real_tokens.to(inputs_embeds.device)
+            if cache is not None and cache.real_tokens is not None
+            else torch.zeros(bsz, dtype=torch.long, device=inputs_embeds.device)
+        )
+        positions = (before[:, None] + valid.long().cumsum(1) - 1).masked_fill(~valid, -1)
+        if position_ids is None:
+            position_ids = positions.clamp(min=0)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        for decoder_layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = decoder_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                positions=positions,
+                padding=padding,
+                past_key_values=cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if cache is not None:
+            cache.real_tokens = before + valid.sum(1)
+            for layer in cache.layers:
+                layer.cumulative_length += seq_len
+                layer.is_initialized = True
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states
+        )
+
+
+class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TitansConfig):
+        super().__init__(config)
+        self.model = TitansModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None and not isinstance(user_cache, TitansCache):
+            raise TypeError(
+                f"Titans generation needs a TitansCache, got {type(user_cache).__name__}. Pass "
+                "`past_key_values=TitansCache(model.config)` (or a cache returned by a previous generate) or none."
+            )
+        if user_cache is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            logger.warning_once(
+                f"Titans uses its own TitansCache; cache_implementation={generation_config.cache_implementation!r} is ignored."
+            )
+        model_kwargs["past_key_values"] = TitansCache(self.config)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+TitansConfig.register_for_auto_class()
+TitansModel.register_for_auto_class("AutoModel")
+TitansForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["TitansCache", "TitansForCausalLM", "TitansModel", "TitansNeuralMemory", "TitansPreTrainedModel"]

@@ -1,0 +1,36 @@
+"""Independent token-by-token reference of the Titans memory, written directly from the paper's equations.
+
+No closed form, no dual form: each step takes the gradient of the associative loss (Eq. 12) with autograd at the
+chunk-start weights (§3.2, Eq. 16), then applies momentum (Eq. 14) and forgetting (Eq. 13), and reads the memory
+with the updated weights (Eq. 15).
+"""
+
+import torch
+
+
+def mlp(weights, x, act):
+    a = x
+    for i, w in enumerate(weights):
+        a = a @ w.T
+        if i < len(weights) - 1:
+            a = act(a)
+    return a + x if len(weights) > 1 else a
+
+
+def reference_memory(weights, q, k, v, lr, eta, alpha, chunk_size, act=torch.nn.functional.silu):
+    """One head, one sequence. weights: list of (d_out, d_in); q, k, v: (T, d); lr, eta, alpha: (T,)."""
+    M = [w.clone() for w in weights]
+    S = [torch.zeros_like(w) for w in weights]
+    anchor = None
+    outputs = []
+    for t in range(k.shape[0]):
+        if t % chunk_size == 0:
+            anchor = [w.detach().clone() for w in M]
+        params = [w.clone().requires_grad_(True) for w in anchor]
+        with torch.enable_grad():
+            loss = (mlp(params, k[t], act) - v[t]).pow(2).sum()  # ℓ(M_{t'}; x_t) = ||M(k_t) - v_t||²
+            grads = torch.autograd.grad(loss, params)
+        S = [eta[t] * s - lr[t] * g for s, g in zip(S, grads)]  # S_t = η_t S_{t-1} - θ_t ∇ℓ
+        M = [(1 - alpha[t]) * m + s for m, s in zip(M, S)]  # M_t = (1 - α_t) M_{t-1} + S_t
+        outputs.append(mlp(M, q[t], act))  # y_t = M*_t(q_t)
+    return torch.stack(outputs), M, S
