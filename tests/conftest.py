@@ -1,0 +1,56 @@
+import os
+import sys
+
+import pytest
+import torch
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from configuration_titans import TitansConfig  # noqa: E402
+from modeling_titans import TitansForCausalLM  # noqa: E402
+
+
+VARIANTS = ("mac", "mag", "mal", "lmm")
+
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    attention_window=8,
+    num_persistent_tokens=2,
+    num_memory_heads=2,
+    memory_head_dim=8,
+    memory_chunk_size=4,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=None,
+)
+
+
+def tiny_config(variant="mag", **overrides) -> TitansConfig:
+    return TitansConfig(**{**TINY, "variant": variant, **overrides})
+
+
+def randomize(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Move every learned parameter away from its (often zero or one) initial value."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    return model
+
+
+def tiny_model(variant="mag", seed=0, random_params=True, **overrides) -> TitansForCausalLM:
+    torch.manual_seed(seed)
+    model = TitansForCausalLM(tiny_config(variant, **overrides)).eval()
+    return randomize(model, seed=seed) if random_params else model
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request):
+    return request.param
