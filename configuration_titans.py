@@ -42,6 +42,8 @@ class TitansConfig(PreTrainedConfig):
         memory_activation (`str`, defaults to `"silu"`): non-linearity between the layers of a deep memory.
         memory_use_momentum (`bool`): ablation switch; `False` fixes η_t = 0 (paper Tab. 5 "w/o momentum").
         memory_use_forgetting (`bool`): ablation switch; `False` fixes α_t = 0 (paper Tab. 5 "w/o weight decay").
+        memory_value_norm (`bool`, defaults to `True`): ℓ2-normalise the memory values as well as q and k
+            (the paper normalises q and k only); keeps the inner loss bounded over unbounded streams.
     """
 
     model_type = "titans"
@@ -82,6 +84,7 @@ class TitansConfig(PreTrainedConfig):
     memory_activation: str = "silu"
     memory_use_momentum: bool = True
     memory_use_forgetting: bool = True
+    memory_value_norm: bool = True
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

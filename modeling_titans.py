@@ -318,8 +318,13 @@ class TitansNeuralMemory(nn.Module):
         )
 
     # -- projections --------------------------------------------------------------------------------------------
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H*d) -> (B, H, T, d) in fp32
-        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2).float()
+    @property
+    def state_dtype(self) -> torch.dtype:
+        # the inner optimisation runs in fp32 even when the model is bf16/fp16 (fp64 stays fp64)
+        return torch.promote_types(self.memory_weights[0].dtype, torch.float32)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H*d) -> (B, H, T, d) in the state dtype
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2).to(self.state_dtype)
 
     def _short_conv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
         """Depthwise causal convolution over time (§4.4); returns (output, padded input for the next state)."""
@@ -334,14 +339,15 @@ class TitansNeuralMemory(nn.Module):
 
     def _gates(self, x: torch.Tensor):
         """θ_t, log η_t, log(1 - α_t): per token and head, (B, H, T) in fp32 (Eq. 13-14 made data-dependent)."""
-        bias = self.gate_bias.float()
-        lr = self.config.memory_max_lr * torch.sigmoid(self.lr_proj(x).float() + bias[0])
+        dtype = self.state_dtype
+        bias = self.gate_bias.to(dtype)
+        lr = self.config.memory_max_lr * torch.sigmoid(self.lr_proj(x).to(dtype) + bias[0])
         if self.forget_proj is not None:
-            log_keep = F.logsigmoid(-(self.forget_proj(x).float() + bias[1]))
+            log_keep = F.logsigmoid(-(self.forget_proj(x).to(dtype) + bias[1]))
         else:
             log_keep = torch.zeros_like(lr)
         if self.momentum_proj is not None:
-            log_eta = F.logsigmoid(self.momentum_proj(x).float() + bias[2])
+            log_eta = F.logsigmoid(self.momentum_proj(x).to(dtype) + bias[2])
         else:  # η = 0 (ablation): a large negative log keeps the closed form finite and exact
             log_eta = torch.full_like(lr, -1e4)
         return torch.stack([lr, log_eta, log_keep], dim=-1).transpose(1, 2)
@@ -352,9 +358,9 @@ class TitansNeuralMemory(nn.Module):
         return self.o_proj((y * gate).flatten(2))
 
     def initial_state(self, batch_size: int, device, dtype=torch.float32) -> TitansMemoryState:
-        weights = tuple(w.float().unsqueeze(0).expand(batch_size, *w.shape) for w in self.memory_weights)
+        weights = tuple(w.to(self.state_dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.memory_weights)
         inner = self.num_heads * self.head_dim
-        zeros = lambda *s: torch.zeros(*s, device=device)  # noqa: E731
+        zeros = lambda *s: torch.zeros(*s, device=device, dtype=self.state_dtype)  # noqa: E731
         return TitansMemoryState(
             weights=weights,
             momentum=tuple(torch.zeros_like(w) for w in weights),
@@ -400,11 +406,14 @@ class TitansNeuralMemory(nn.Module):
         projected = torch.cat([self.q_proj(xc), self.k_proj(xc), self.v_proj(xc)], dim=-1)
         conv_out, conv_in = self._short_conv(projected, None if fast else state.conv)
         q, k, v = F.silu(conv_out).chunk(3, dim=-1)
-        q, k, v = F.normalize(self._split_heads(q), dim=-1), F.normalize(self._split_heads(k), dim=-1), self._split_heads(v)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # §4.4
+        if self.config.memory_value_norm:  # bounded regression targets keep long streams finite (model card D5)
+            v = F.normalize(v, dim=-1)
         gates = self._gates(xc)  # (B, H, T, 3)
 
         if fast:
-            weights = tuple(w.float().unsqueeze(0).expand(bsz, *w.shape) for w in self.memory_weights)
+            weights = tuple(w.to(self.state_dtype).unsqueeze(0).expand(bsz, *w.shape) for w in self.memory_weights)
             momentum = tuple(torch.zeros_like(w) for w in weights)
             offset, total, select = 0, None, None
         else:
@@ -620,9 +629,12 @@ class TitansAttention(nn.Module):
                 f"attn_implementation={impl!r} cannot express Titans' persistent-prefix + window/segment mask; "
                 "use 'sdpa', 'flex_attention' or 'eager'."
             )
-        if impl == "flex_attention":  # an additive score mask keeps flex exact for any per-row pattern
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~mask, torch.finfo(query.dtype).min
+        if impl == "flex_attention":  # block-sparse mask built from the same boolean pattern
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            dense = mask[:, 0]
+            mask = create_block_mask(
+                lambda b, h, q, kv: dense[b, q, kv], bsz, None, q_len, dense.shape[-1], device=query.device
             )
         attn_output, attn_weights = attention_interface(
             self,

@@ -45,10 +45,10 @@ def randomize(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torc
     return model
 
 
-def tiny_model(variant="mag", seed=0, random_params=True, **overrides) -> TitansForCausalLM:
+def tiny_model(variant="mag", seed=0, random_params=True, scale=0.3, **overrides) -> TitansForCausalLM:
     torch.manual_seed(seed)
     model = TitansForCausalLM(tiny_config(variant, **overrides)).eval()
-    return randomize(model, seed=seed) if random_params else model
+    return randomize(model, scale=scale, seed=seed) if random_params else model
 
 
 @pytest.fixture(params=VARIANTS)

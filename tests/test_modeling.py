@@ -1,0 +1,210 @@
+"""TitansForCausalLM: every variant trains, padding is exact, attention backends agree, config errors are clear."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, VARIANTS, tiny_config, tiny_model
+
+from configuration_titans import TitansConfig
+from modeling_titans import TitansForCausalLM
+
+
+def test_loss_finite_and_every_parameter_gets_a_gradient(variant):
+    model = tiny_model(variant).train()
+    ids = torch.randint(2, 64, (2, 29))
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+@pytest.mark.parametrize("ablation", [dict(memory_use_momentum=False), dict(memory_use_forgetting=False), dict(memory_depth=1)])
+def test_ablations_train(ablation):
+    model = tiny_model("mag", **ablation).train()
+    ids = torch.randint(2, 64, (2, 21))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_loss_decreases_on_a_fixed_batch(variant):
+    torch.manual_seed(0)
+    model = TitansForCausalLM(tiny_config(variant)).train()
+    ids = torch.randint(2, 64, (4, 32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_labels_ignore_index_and_num_items_in_batch():
+    model = tiny_model("mag")
+    ids = torch.randint(2, 64, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    logits = model(ids).logits
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(model(ids, labels=labels).loss, manual)
+    summed = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    torch.testing.assert_close(model(ids, labels=labels, num_items_in_batch=torch.tensor(100)).loss, summed / 100)
+
+
+def test_padded_batches_match_each_sequence_alone(variant):
+    model = tiny_model(variant)
+    a, b = torch.randint(2, 64, (1, 27)), torch.randint(2, 64, (1, 19))
+    with torch.no_grad():
+        ref_a, ref_b = model(a).logits[0], model(b).logits[0]
+        for side in ("left", "right"):
+            ids = torch.zeros(2, 27, dtype=torch.long)
+            mask = torch.zeros(2, 27, dtype=torch.long)
+            ids[0], mask[0] = a[0], 1
+            sl = slice(27 - 19, 27) if side == "left" else slice(0, 19)
+            ids[1, sl], mask[1, sl] = b[0], 1
+            logits = model(ids, attention_mask=mask).logits
+            torch.testing.assert_close(logits[0], ref_a, atol=1e-5, rtol=0)
+            torch.testing.assert_close(logits[1, sl], ref_b, atol=1e-5, rtol=0)
+            if side == "left":  # the padding really matters: without the mask the logits differ
+                assert (model(ids).logits[1, sl] - ref_b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "flex_attention"])
+def test_attention_backends_match_eager(variant, impl):
+    if variant == "lmm":
+        pytest.skip("memory-only: no attention")
+    model = tiny_model(variant, scale=0.1)
+    ids = torch.randint(2, 64, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        eager = model(ids, attention_mask=mask).logits
+        try:
+            model.set_attn_implementation(impl)
+        except (ImportError, ValueError) as err:
+            pytest.skip(f"{impl} unavailable here: {err}")
+        other = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(other[mask.bool()], eager[mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_flash_attention_is_refused_clearly():
+    model = tiny_model("mag")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        model(torch.randint(2, 64, (1, 5)))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(2, 64, (2, 20))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("mac").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_sequence_length_is_not_capped():
+    model = tiny_model("mag", max_position_embeddings=16)
+    with torch.no_grad():
+        logits = model(torch.randint(2, 64, (1, 70))).logits
+    assert logits.shape == (1, 70, 64) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("variant", "mamba", "mac"),
+        ("hidden_size", 0, "positive"),
+        ("num_hidden_layers", -1, "positive"),
+        ("attention_window", 0, "positive"),
+        ("memory_chunk_size", 0, "positive"),
+        ("memory_depth", 0, "positive"),
+        ("num_memory_heads", 0, "positive"),
+        ("memory_head_dim", 2.5, "positive"),
+        ("num_persistent_tokens", -1, "non-negative"),
+        ("memory_conv_size", -2, "non-negative"),
+        ("memory_max_lr", 0.0, "positive"),
+        ("memory_activation", "relu6", "silu"),
+        ("memory_layers", [0, 7], "distinct layer indices"),
+        ("num_key_value_heads", 3, "multiple"),
+        ("rope_theta", -1.0, "positive"),
+    ],
+)
+def test_bad_config_values_raise(field, value, allowed):
+    with pytest.raises(ValueError, match=field) as err:
+        TitansConfig(**{field: value})
+    assert allowed in str(err.value)
+
+
+def test_mac_needs_chunk_dividing_segment_and_lmm_needs_memory():
+    with pytest.raises(ValueError, match="memory_chunk_size"):
+        TitansConfig(variant="mac", attention_window=30, memory_chunk_size=8)
+    with pytest.raises(ValueError, match="num_memory_tokens"):
+        TitansConfig(variant="mag", num_memory_tokens=4)
+    with pytest.raises(ValueError, match="memory_layers"):
+        TitansConfig(variant="lmm", memory_layers=[])
+
+
+def test_config_round_trip():
+    config = tiny_config("mac", num_memory_tokens=3, memory_layers=[1])
+    again = TitansConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    assert again.memory_layers == [1] and again.num_memory_tokens == 3
+
+
+def test_out_of_range_token_ids_raise():
+    model = tiny_model("mag")
+    for bad in (64, -1):
+        ids = torch.tensor([[3, 4, bad]])
+        with pytest.raises(ValueError, match=f"token id {bad}"):
+            model(ids)
+
+
+def test_bad_attention_mask_shape_raises():
+    model = tiny_model("mag")
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.randint(2, 64, (2, 5)), attention_mask=torch.ones(2, 7))
+
+
+@pytest.mark.slow
+def test_save_and_reload_in_a_fresh_process(tmp_path):
+    model = tiny_model("mac")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_titans.TitansForCausalLM"
+    assert (tmp_path / "modeling_titans.py").exists() and (tmp_path / "model.safetensors").exists()
+    ids = torch.randint(2, 64, (2, 23))
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        torch.save(model(ids).logits, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "d = sys.argv[1]\n"
+        "m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()\n"
+        "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
+        "with torch.no_grad(): got = m(torch.load(d + '/ids.pt')).logits\n"
+        "assert torch.equal(got, torch.load(d + '/expected.pt')), (got - torch.load(d + '/expected.pt')).abs().max()\n"
+        "print('IDENTICAL')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "IDENTICAL" in result.stdout, result.stderr[-3000:]
