@@ -8,6 +8,7 @@ Layout follows `modeling_llama.py`: norm -> rotary -> MLP -> neural memory (+ it
 decoder layer -> cache -> PreTrainedModel -> Model -> ForCausalLM.
 """
 
+import json
 from collections.abc import Callable
 
 import torch
@@ -709,6 +710,27 @@ class TitansLayerCache(CacheLayerMixin):
         if self.memory is not None:
             self.memory.apply(fn)
 
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `tensors()`."""
+        for name in ("keys", "values", "positions", "context_keys", "context_values"):
+            setattr(self, name, tensors.get(name))
+        seg = sorted((int(n.split(".")[1]), t) for n, t in tensors.items() if n.startswith("segment_weights."))
+        self.segment_weights = tuple(t for _, t in seg) or None
+        memory = {n[len("memory.") :]: t for n, t in tensors.items() if n.startswith("memory.")}
+        if memory:
+            stacked = lambda field: tuple(  # noqa: E731
+                t for _, t in sorted((int(n.split(".")[1]), t) for n, t in memory.items() if n.startswith(field + "."))
+            )
+            self.memory = TitansMemoryState(
+                weights=stacked("weights"),
+                momentum=stacked("momentum"),
+                buffer_k=memory["buffer_k"],
+                buffer_v=memory["buffer_v"],
+                buffer_gates=memory["buffer_gates"],
+                buffer_length=memory["buffer_length"],
+                conv=memory.get("conv"),
+            )
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
@@ -784,6 +806,43 @@ class TitansCache(Cache):
     def nbytes(self) -> int:
         """Total bytes of every tensor the cache holds."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def save_snapshot(self, path: str) -> None:
+        """Write the whole memory state (a "memory snapshot") to a safetensors file."""
+        from safetensors.torch import save_file
+
+        metadata = {
+            "format": SNAPSHOT_FORMAT,
+            "signature": json.dumps(self.signature),
+            "cumulative_length": json.dumps([layer.cumulative_length for layer in self.layers]),
+        }
+        save_file({n: t.detach().clone(memory_format=torch.contiguous_format) for n, t in self.tensors().items()}, path, metadata=metadata)
+
+    @classmethod
+    def from_snapshot(cls, path: str, config: TitansConfig, device: str | torch.device = "cpu") -> "TitansCache":
+        """Load a memory snapshot written by `save_snapshot`; it must come from a model with the same config."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if metadata.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{path} is not a Titans memory snapshot (format {metadata.get('format')!r}).")
+        cache = cls(config)
+        saved = json.loads(metadata["signature"])
+        mismatch = {k: (saved.get(k), v) for k, v in cache.signature.items() if saved.get(k) != v}
+        if mismatch:
+            raise ValueError(f"Memory snapshot {path} was made by another model; mismatched (snapshot, model): {mismatch}")
+        for layer, length in zip(cache.layers, json.loads(metadata["cumulative_length"])):
+            layer.cumulative_length = length
+            layer.is_initialized = length > 0
+        for i, layer in enumerate(cache.layers):
+            layer.load_tensors({n[len(f"layers.{i}.") :]: t for n, t in tensors.items() if n.startswith(f"layers.{i}.")})
+        cache.real_tokens = tensors.get("real_tokens")
+        return cache
+
+
+SNAPSHOT_FORMAT = "titans-memory-snapshot-v1"
 
 
 def cache_signature(config: TitansConfig) -> dict:

@@ -1,0 +1,187 @@
+"""TitansCache: cached generation is exactly uncached generation, in every generate() mode, with bounded state."""
+
+import os
+
+import pytest
+import torch
+from conftest import ROOT, tiny_model
+from transformers import DynamicCache, TextStreamer
+
+from modeling_titans import TitansCache
+
+
+WINDOW, CHUNK = 8, 4  # tiny_config: attention_window=8, memory_chunk_size=4
+
+
+def _prompt(length, seed=0):
+    return torch.randint(2, 64, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, CHUNK, WINDOW, 4 * WINDOW + 3])
+def test_prefill_then_decode_matches_full_forward(variant, prompt_len):
+    model = tiny_model(variant)
+    ids = _prompt(prompt_len + 24, seed=prompt_len)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = TitansCache(model.config)
+        out = model(ids[:, :prompt_len], past_key_values=cache, use_cache=True)
+        assert (out.logits[:, -1] - full[:, prompt_len - 1]).abs().max() <= 1e-4
+        for t in range(prompt_len, ids.shape[1]):
+            step = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            assert (step.logits[:, -1] - full[:, t]).abs().max() <= 1e-4, t
+            out = step
+
+
+@pytest.mark.parametrize("prompt_len", [1, WINDOW, 4 * WINDOW + 3])
+def test_greedy_generate_with_and_without_cache(variant, prompt_len):
+    model = tiny_model(variant)
+    ids = _prompt(prompt_len, seed=prompt_len)
+    kwargs = dict(max_new_tokens=64, do_sample=False, min_new_tokens=64)
+    cached = model.generate(ids, use_cache=True, **kwargs)
+    uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert cached.shape[1] == prompt_len + 64
+    assert torch.equal(cached, uncached)
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone(variant):
+    model = tiny_model(variant)
+    prompts = [_prompt(n, seed=n) for n in (13, 6, 9)]
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[1] :], mask[row, width - p.shape[1] :] = p[0], 1
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    for row, p in enumerate(prompts):
+        alone = model.generate(p, **kwargs)
+        assert torch.equal(batched[row, width:], alone[0, p.shape[1] :]), row
+
+
+def test_beam_search_with_and_without_cache(variant):
+    model = tiny_model(variant)
+    ids = _prompt(11)
+    kwargs = dict(max_new_tokens=16, min_new_tokens=16, num_beams=3, do_sample=False, num_return_sequences=2)
+    assert torch.equal(model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+
+
+def test_sampling_streaming_and_chunked_prefill(variant):
+    model = tiny_model(variant)
+    ids = _prompt(4 * WINDOW + 3)
+    torch.manual_seed(0)
+    sampled = model.generate(ids, do_sample=True, top_k=10, max_new_tokens=12, num_return_sequences=2)
+    assert sampled.shape == (2, ids.shape[1] + 12)
+    reference = model.generate(ids, do_sample=False, max_new_tokens=20, min_new_tokens=20)
+    chunked = model.generate(ids, do_sample=False, max_new_tokens=20, min_new_tokens=20, prefill_chunk_size=7)
+    assert torch.equal(reference, chunked)
+
+
+def test_text_streamer_streams(capsys):
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = ROOT if os.path.exists(os.path.join(ROOT, "tokenizer.json")) else None
+    if tokenizer_dir is None:
+        pytest.skip("repository tokenizer not built")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = tiny_model("mag", vocab_size=len(tokenizer))
+    inputs = tokenizer("def main():", return_tensors="pt")
+    streamer = TextStreamer(tokenizer)
+    out = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False, streamer=streamer)
+    printed = capsys.readouterr().out
+    assert printed.strip() and printed.strip() == tokenizer.decode(out[0]).strip()
+
+
+def test_continuation_from_returned_cache_and_from_snapshot(variant, tmp_path):
+    model = tiny_model(variant)
+    ids = _prompt(4 * WINDOW + 3)
+    kwargs = dict(do_sample=False)
+    one_call = model.generate(ids, max_new_tokens=40, min_new_tokens=40, **kwargs)
+
+    first = model.generate(ids, max_new_tokens=15, min_new_tokens=15, return_dict_in_generate=True, **kwargs)
+    cache = first.past_key_values
+    assert isinstance(cache, TitansCache) and cache.get_seq_length() == ids.shape[1] + 14
+    cache.save_snapshot(str(tmp_path / "memory.safetensors"))
+    continued = model.generate(first.sequences, past_key_values=cache, max_new_tokens=25, min_new_tokens=25, **kwargs)
+    assert torch.equal(continued, one_call)
+
+    loaded = TitansCache.from_snapshot(str(tmp_path / "memory.safetensors"), model.config)
+    assert loaded.get_seq_length() == ids.shape[1] + 14
+    again = model.generate(first.sequences, past_key_values=loaded, max_new_tokens=25, min_new_tokens=25, **kwargs)
+    assert torch.equal(again, one_call)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant_name", ["mac", "mag"])
+def test_cache_size_is_bounded(variant_name):
+    model = tiny_model(variant_name)
+    sizes = {}
+    cache = TitansCache(model.config)
+    token = _prompt(1)
+    with torch.no_grad():
+        for n in range(1, 4097):
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            if n in (512, 4096):
+                sizes[n] = cache.nbytes()
+    assert sizes[512] == sizes[4096] > 0
+
+
+def test_generate_builds_a_titans_cache_and_refuses_foreign_ones():
+    model = tiny_model("mag")
+    ids = _prompt(5)
+    out = model.generate(ids, max_new_tokens=3, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, TitansCache)
+    foreign = DynamicCache()
+    foreign.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+    with pytest.raises(TypeError, match="TitansCache"):
+        model.generate(ids, max_new_tokens=3, past_key_values=foreign)
+    with pytest.raises(TypeError, match="TitansCache"):
+        model(ids, past_key_values=foreign)
+
+
+def test_assisted_decoding_is_refused():
+    model = tiny_model("mag")
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(_prompt(5), max_new_tokens=3, assistant_model=tiny_model("mag", seed=1))
+
+
+def test_cache_from_another_config_or_batch_is_rejected(tmp_path):
+    model = tiny_model("mag")
+    other = tiny_model("mag", num_hidden_layers=3)
+    cache = TitansCache(other.config)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        model(_prompt(3), past_key_values=cache)
+    cache = TitansCache(model.config)
+    model(_prompt(3), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="batch size"):
+        model(torch.cat([_prompt(1), _prompt(1)]), past_key_values=cache, use_cache=True)
+    cache.save_snapshot(str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        TitansCache.from_snapshot(str(tmp_path / "m.safetensors"), other.config)
+    wide = tiny_model("mag", memory_head_dim=16)
+    with pytest.raises(ValueError, match="memory_head_dim"):
+        TitansCache.from_snapshot(str(tmp_path / "m.safetensors"), wide.config)
+
+
+def test_cache_is_not_croppable():
+    cache = TitansCache(tiny_model("mag").config)
+    assert not cache.is_croppable and not cache.is_compileable
+    with pytest.raises(NotImplementedError, match="rolled back"):
+        cache.crop(3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_stream_stays_finite_and_bounded(variant, dtype):
+    model = tiny_model(variant, scale=0.1).to(dtype)
+    cache = TitansCache(model.config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(40):  # 40 x 512 = 20,480 tokens
+            out = model(torch.randint(2, 64, (1, 512), generator=gen), past_key_values=cache, use_cache=True)
+            assert torch.isfinite(out.logits.float()).all()
+    assert cache.get_seq_length() == 20480
+    for layer in cache.layers:
+        for w in layer.memory.weights:
+            assert w.dtype == torch.float32  # inner state in fp32 even for a bf16 model
+            assert torch.isfinite(w).all() and w.norm() < 100
