@@ -172,10 +172,11 @@ def tokenize_and_pack(
     tokenized = raw.map(
         tokenize, batched=True, num_proc=num_proc, remove_columns=raw["train"].column_names, desc="Tokenising"
     )
-    counts = {split: int(sum(ds["num_tokens"])) for split, ds in tokenized.items()}
+    # a split whose texts are all empty maps to zero rows and no columns at all
+    counts = {split: int(sum(ds["num_tokens"])) if len(ds) else 0 for split, ds in tokenized.items()}
     for split, count in counts.items():
         if count == 0:
-            raise DataError(f"The {split} dataset contains no text (0 tokens after tokenisation).")
+            raise DataError(f"The {split} dataset is empty: no text (0 tokens after tokenisation).")
         if count < block_size:
             raise DataError(
                 f"--block_size {block_size} is larger than the {split} data ({count} tokens): no full block. "
