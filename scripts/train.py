@@ -383,8 +383,8 @@ def parse_args(argv):
     pre.add_argument("--quickstart", nargs="?", const="true", default="false")
     quick = pre.parse_known_args(argv)[0].quickstart.lower() in ("true", "1", "yes")
     defaults = ["--report_to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        # accelerate only picks its multi-CPU (gloo) mode when told the run is on CPU
+    if not torch.accelerator.is_available():
+        # accelerate picks its multi-CPU (gloo) mode under torchrun, and allows --bf16, only when told it is on CPU
         defaults += ["--use_cpu", "true"]
     formatter = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
     parser = HfArgumentParser((ModelArguments, DataArguments, ScriptArguments, TrainingArguments),
@@ -502,11 +502,13 @@ def main(argv=None):
     ok = True
     sharded = bool(training_args.fsdp) or training_args.deepspeed is not None  # generation needs the full weights
     if trainer.is_world_process_zero() and not sharded:
+        # with --bf16/--fp16, accelerate leaves an autocast wrapper on forward; the saved model has none
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         if script_args.max_new_tokens > 0:
-            text = sample(trainer.model, tokenizer, script_args.prompt, script_args.max_new_tokens, training_args.seed)
+            text = sample(model, tokenizer, script_args.prompt, script_args.max_new_tokens, training_args.seed)
             print(f"\n----- sample (temperature 0.5, top-k 40) -----\n{text}\n----------------------------------------")
         if script_args.check_reload:
-            ok = check_reload(trainer.model, tokenizer, training_args.output_dir, script_args.prompt)
+            ok = check_reload(model, tokenizer, training_args.output_dir, script_args.prompt)
         print(f"\nsaved to {training_args.output_dir}; total time {time.time() - START:.0f}s")
     if not ok:
         raise SystemExit(1)

@@ -189,10 +189,13 @@ def test_train_script_end_to_end(tmp_path, corpus):
     with torch.no_grad():
         assert torch.equal(remote(input_ids=ids).logits, local(input_ids=ids).logits)
 
-    # fine-tune the saved model: it starts where training ended, well below a fresh model's loss
+    # fine-tune the saved model (bf16 autocast + activation checkpointing): it starts where training ended, well
+    # below a fresh model's loss, and its save reloads exactly too (no autocast wrapper left on the reference)
     proc = run_script(["--model_name_or_path", str(out), "--train_files", corpus, "--output_dir",
-                       str(tmp_path / "ft"), *TINY_FLAGS, "--max_steps", "2", "--save_strategy", "no"], tmp_path)
+                       str(tmp_path / "ft"), *TINY_FLAGS, "--max_steps", "2", "--save_strategy", "no", "--bf16", "true",
+                       "--activation_checkpointing", "true", "--check_reload", "true"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[reload check] OK" in proc.stdout, proc.stdout[-3000:]
     ft_losses = losses_of(json.loads((tmp_path / "ft" / "trainer_state.json").read_text()))
     assert ft_losses[0] < losses[0] - 0.5 and abs(ft_losses[0] - losses_of(state)[-1]) < 0.3, (ft_losses, state)
 
