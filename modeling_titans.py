@@ -126,6 +126,23 @@ def memory_apply(weights: tuple[torch.Tensor, ...], x: torch.Tensor, activation:
     return a + x if len(weights) > 1 else a
 
 
+# Decay products of many η_t, 1 - α_t < 1 fall into float32 subnormals, which make every CPU op that touches them
+# 10-100x slower. Coefficients below these bounds are dropped (relative effect < 1e-17, far below fp32 precision).
+_MIN_LOG_COEFF, _MIN_COEFF = -40.0, 1e-20
+
+
+def _exp_nonpositive(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(x) for x <= 0, exactly 0 below e^-40 and outside `keep`."""
+    drop = x < _MIN_LOG_COEFF
+    if keep is not None:
+        drop = drop | ~keep
+    return torch.exp(x.masked_fill(drop, float("-inf")))
+
+
+def _flush_tiny(x: torch.Tensor) -> torch.Tensor:
+    return x.masked_fill(x.abs() < _MIN_COEFF, 0.0)
+
+
 def memory_chunk_update(
     weights: tuple[torch.Tensor, ...],
     momentum: tuple[torch.Tensor, ...],
@@ -174,13 +191,13 @@ def memory_chunk_update(
     causal = torch.ones(b, b, dtype=torch.bool, device=k.device).tril()
     cum_eta = log_eta.cumsum(-1)
     cum_keep = log_keep.cumsum(-1)
-    decay = torch.exp((cum_keep[..., :, None] - cum_keep[..., None, :]).masked_fill(~causal, float("-inf")))
-    carry = torch.exp((cum_eta[..., :, None] - cum_eta[..., None, :]).masked_fill(~causal, float("-inf")))
-    n = carry * lr[..., None, :]
-    g = decay @ n
-    m = torch.exp(cum_eta)
-    beta = torch.exp(cum_keep)
-    f = (decay @ m[..., None]).squeeze(-1)
+    decay = _exp_nonpositive(cum_keep[..., :, None] - cum_keep[..., None, :], causal)
+    carry = _exp_nonpositive(cum_eta[..., :, None] - cum_eta[..., None, :], causal)
+    n = _flush_tiny(carry * lr[..., None, :])
+    g = _flush_tiny(decay @ n)
+    m = _exp_nonpositive(cum_eta)
+    beta = _exp_nonpositive(cum_keep)
+    f = _flush_tiny((decay @ m[..., None]).squeeze(-1))
 
     # per-token retrieval y_i = M_i(q_i) by the dual form
     a = q
