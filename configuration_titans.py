@@ -38,7 +38,10 @@ class TitansConfig(PreTrainedConfig):
             chunk-start weights. For MAC it must divide `attention_window`.
         memory_conv_size (`int`, defaults to 4): kernel of the depthwise causal convolution after q/k/v (§4.4);
             0 disables it.
-        memory_max_lr (`float`, defaults to 0.1): upper bound of the inner learning rate θ_t.
+        memory_max_lr (`float`, defaults to 0.02): upper bound of the inner learning rate θ_t. Inside a chunk the
+            gradient is stale (taken at the chunk start) and momentum accumulates it, so the inner loop is stable
+            only for roughly θ · memory_chunk_size / (1 - η) ≲ 1 (keys are unit vectors); larger values made the
+            memory diverge in training.
         memory_activation (`str`, defaults to `"silu"`): non-linearity between the layers of a deep memory.
         memory_use_momentum (`bool`): ablation switch; `False` fixes η_t = 0 (paper Tab. 5 "w/o momentum").
         memory_use_forgetting (`bool`): ablation switch; `False` fixes α_t = 0 (paper Tab. 5 "w/o weight decay").
@@ -80,7 +83,7 @@ class TitansConfig(PreTrainedConfig):
     memory_head_dim: int = 64
     memory_chunk_size: int = 16
     memory_conv_size: int = 4
-    memory_max_lr: float = 0.1
+    memory_max_lr: float = 0.02
     memory_activation: str = "silu"
     memory_use_momentum: bool = True
     memory_use_forgetting: bool = True
