@@ -122,7 +122,7 @@ def test_trainer_with_and_without_gradient_checkpointing(tmp_path, corpus, singl
     torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-4, atol=1e-4)
 
 
-def test_time_budget_fits_steps_and_stops(tmp_path, corpus, single_thread, train_script):
+def test_time_budget_stops_training(tmp_path, corpus, single_thread, train_script):
     from modeling_titans import TitansForCausalLM
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
@@ -132,15 +132,11 @@ def test_time_budget_fits_steps_and_stops(tmp_path, corpus, single_thread, train
     model = TitansForCausalLM(tiny_config("mag", vocab_size=len(tokenizer)))
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=10_000, per_device_train_batch_size=2,
                              save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    fit = train_script.steps_that_fit(model, blocks["train"], args, seconds=5.0)
-    assert 1 <= fit < 10_000
-    # timing must not train: weights untouched, no gradients left behind
-    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
     trainer = Trainer(model=model, args=args, train_dataset=blocks["train"], data_collator=causal_lm_collator,
                       callbacks=[train_script.TimeBudgetCallback(0.0)])
     trainer.train()
     assert trainer.state.global_step == 1
+    assert not any(p.name.startswith("checkpoint") for p in (tmp_path / "out").iterdir())  # save_strategy "no"
 
 
 # ----------------------------------------------------------------------------------------------------------------
