@@ -1,0 +1,83 @@
+"""scripts/benchmark.py --quick: one subprocess run, then the JSON must hold every model x length / context asked."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
+MODELS = ["mac", "mag", "mal", "lmm", "swa", "llama"]
+LENGTHS = [64, 128]
+CONTEXTS = [16, 64]
+
+
+def run_quick(tmp_path, *extra, timeout=300):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, SCRIPT, "--quick", "--output", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout, out
+
+
+def check_entries(data, models, lengths, contexts):
+    for m in models:
+        assert data["models"][m]["params"] > 0
+        for L in lengths:
+            e = [e for e in data["train"] if e["model"] == m and e["length"] == L]
+            assert len(e) == 1, (m, L)
+            e = e[0]
+            assert e["status"] == "ok", e
+            assert e["tokens_per_s"] > 0 and e["median_step_s"] > 0 and e["peak_rss_bytes"] > 0
+            assert len(e["steps_s"]) >= 1 and all(s > 0 for s in e["steps_s"])
+            assert len(e["load_before"]) == 3 and len(e["load_after"]) == 3
+        for C in contexts:
+            e = [e for e in data["decode"] if e["model"] == m and e["context"] == C]
+            assert len(e) == 1, (m, C)
+            e = e[0]
+            assert e["status"] == "ok", e
+            assert e["tokens_per_s"] > 0 and e["prefill_s"] > 0 and e["peak_rss_bytes"] > 0
+            assert e["repeats_identical"], e  # greedy decoding from the same cache is deterministic
+            assert all(len(rep) == e["steps"] for rep in e["repeat_step_s"])
+
+
+@pytest.mark.slow
+def test_benchmark_quick(tmp_path):
+    data, stdout, out = run_quick(tmp_path)
+    assert data["plan"]["models"] == MODELS
+    assert data["plan"]["lengths"] == LENGTHS and data["plan"]["decode_contexts"] == CONTEXTS
+    check_entries(data, MODELS, LENGTHS, CONTEXTS)
+    # same dimensions for every model; Titans variants have the memory's extra parameters
+    assert data["models"]["mag"]["params"] > data["models"]["swa"]["params"]
+    for key in ("torch", "transformers", "cpu_count", "python"):
+        assert data["meta"][key]
+    assert "benchmark.py" in data["command"] and "--quick" in data["command"]
+    assert data["summary"]["rows"], "ratio table missing"
+    assert os.path.getsize(out.with_suffix(".png")) > 1000
+    assert "Ratios and targets" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("titans_pytorch") is None, reason="titans-pytorch not installed")
+def test_benchmark_quick_titans_pytorch(tmp_path):
+    data, _, _ = run_quick(
+        tmp_path, "--models", "mag,titans-pytorch", "--with-titans-pytorch", "--lengths", "64", "--plot", "none"
+    )
+    check_entries(data, ["mag", "titans-pytorch"], [64], CONTEXTS)
+    tp = [e for e in data["decode"] if e["model"] == "titans-pytorch"]
+    assert all(e["tp_sample_tokens_match"] for e in tp)  # our timing loop is exactly its sample(use_cache=True)
+    names = [r["name"] for r in data["summary"]["rows"]]
+    assert any("mag / titans-pytorch tok/s" in n for n in names)
+
+
+def test_benchmark_skips_and_records_failures(tmp_path):
+    """A child that exceeds --timeout is killed by the watchdog and recorded as such, not a crash."""
+    data, _, _ = run_quick(
+        tmp_path, "--models", "swa", "--lengths", "64", "--no-decode", "--plot", "none", "--timeout", "0.5"
+    )
+    (e,) = data["train"]
+    assert e["status"].startswith("timeout"), e
