@@ -416,7 +416,8 @@ class TitansNeuralMemory(nn.Module):
         else:
             if valid is None:
                 valid = torch.ones(bsz, seq_len, dtype=torch.bool, device=x.device)
-            xc, perm = _compact(x, valid)
+            # rows without padding need no compaction (the common case, e.g. MAC segments in training)
+            xc, perm = (x, None) if bool(valid.all()) else _compact(x, valid)
             count = valid.sum(1)
             if state is None:
                 state = self.initial_state(bsz, x.device, x.dtype)
@@ -437,10 +438,14 @@ class TitansNeuralMemory(nn.Module):
         else:
             # [buffered tokens of the open chunk | new real tokens], per row shifted so both are contiguous
             buffer_len = state.buffer_length
-            slots = torch.arange(b + seq_len, device=x.device)
-            source = torch.where(slots[None] < buffer_len[:, None], slots[None], slots[None] + b - buffer_len[:, None])
-            source = source.clamp(max=b + seq_len - 1)
-            join = lambda old, new: _gather_time(torch.cat([old, new], dim=2).transpose(1, 2), source).transpose(1, 2)  # noqa: E731
+            if bool((buffer_len == buffer_len[0]).all()):  # same phase in every row: plain concatenation
+                n = int(buffer_len[0])
+                join = lambda old, new: torch.cat([old[:, :, :n], new], dim=2)  # noqa: E731
+            else:
+                slots = torch.arange(b + seq_len, device=x.device)
+                source = torch.where(slots[None] < buffer_len[:, None], slots[None], slots[None] + b - buffer_len[:, None])
+                source = source.clamp(max=b + seq_len - 1)
+                join = lambda old, new: _gather_time(torch.cat([old, new], dim=2).transpose(1, 2), source).transpose(1, 2)  # noqa: E731
             q = join(torch.zeros_like(state.buffer_k), q)
             k, v, gates = join(state.buffer_k, k), join(state.buffer_v, v), join(state.buffer_gates, gates)
             total = buffer_len + count
@@ -468,7 +473,9 @@ class TitansNeuralMemory(nn.Module):
         # outputs of the new tokens back to their original slots
         index = (offset[:, None] + torch.arange(seq_len, device=x.device)[None]).clamp(max=padded - 1)
         out = _gather_time(out.transpose(1, 2), index)  # (B, T, H, d), compacted order
-        out = _gather_time(out, torch.argsort(perm, dim=1)).transpose(1, 2)
+        if perm is not None:
+            out = _gather_time(out, torch.argsort(perm, dim=1))
+        out = out.transpose(1, 2)
         result = self._output(out, x) * valid[..., None].to(x.dtype)
 
         # open chunk of each row -> new buffer; last K-1 real projections -> new conv state
