@@ -153,6 +153,7 @@ def memory_chunk_update(
     log_eta: torch.Tensor,
     log_keep: torch.Tensor,
     activation: str,
+    initial: tuple[torch.Tensor, ...] | None = None,
 ):
     """One chunk of the chunk-parallel memory (paper §3.2, Eq. 16-18), exact per token.
 
@@ -162,6 +163,10 @@ def memory_chunk_update(
 
         S_i = m_i S_0 - Σ_j n_ij u_j,     M_i = β_i M_0 + f_i S_0 - Σ_j G_ij u_j,
         f_i = Σ_{k<=i} (β_i/β_k) m_k,     G = tril(β_i/β_k) @ N.
+
+    Forgetting pulls the memory back to its learned initial weights `initial` (M_init) rather than to zero
+    (model card D7): M_i = (1 - α_i) M_{i-1} + α_i M_init + S_i, which adds (1 - β_i) M_init to M_i. Without it, a
+    deep memory without biases collapses to M = 0, where its gradient vanishes, within a few hundred tokens.
 
     Retrieval with the per-token weights M_i uses the dual form (each u_j is an outer product δ_j a_jᵀ per layer),
     so no per-token weight copy is ever made. Shapes: q, k, v (B, H, b, d); lr, log_eta, log_keep (B, H, b).
@@ -205,6 +210,7 @@ def memory_chunk_update(
         z = (
             beta[..., None] * (a @ weights[layer].transpose(-1, -2))
             + f[..., None] * (a @ momentum[layer].transpose(-1, -2))
+            + (0.0 if initial is None else (1 - beta[..., None]) * (a @ initial[layer].transpose(-1, -2)))
             - (g * (a @ inputs[layer].transpose(-1, -2))) @ deltas[layer]
         )
         a = act(z) if layer < depth - 1 else z
@@ -215,14 +221,15 @@ def memory_chunk_update(
     beta_last, f_last, m_last = beta[..., -1, None, None], f[..., -1, None, None], m[..., -1, None, None]
     new_weights, new_momentum = [], []
     for layer in range(depth):
-        new_weights.append(
-            beta_last * weights[layer] + f_last * momentum[layer] - (deltas[layer] * g_last).transpose(-1, -2) @ inputs[layer]
-        )
+        new = beta_last * weights[layer] + f_last * momentum[layer] - (deltas[layer] * g_last).transpose(-1, -2) @ inputs[layer]
+        new_weights.append(new if initial is None else new + (1 - beta_last) * initial[layer])
         new_momentum.append(m_last * momentum[layer] - (deltas[layer] * n_last).transpose(-1, -2) @ inputs[layer])
     return outputs, tuple(new_weights), tuple(new_momentum)
 
 
-def memory_scan(weights, momentum, q, k, v, lr, log_eta, log_keep, chunk_size, activation, select_chunk=None):
+def memory_scan(
+    weights, momentum, q, k, v, lr, log_eta, log_keep, chunk_size, activation, select_chunk=None, initial=None
+):
     """Chunk-parallel memory over a sequence whose length is a multiple of `chunk_size`.
 
     The inter-chunk recurrence is sequential (the gradient of chunk c needs M at its start); inside a chunk all is
@@ -235,7 +242,7 @@ def memory_scan(weights, momentum, q, k, v, lr, log_eta, log_keep, chunk_size, a
         sl = slice(start, start + chunk_size)
         out, weights, momentum = memory_chunk_update(
             weights, momentum, q[..., sl, :], k[..., sl, :], v[..., sl, :],
-            lr[..., sl], log_eta[..., sl], log_keep[..., sl], activation,
+            lr[..., sl], log_eta[..., sl], log_keep[..., sl], activation, initial,
         )  # fmt: skip
         outputs.append(out)
         if select_chunk is not None:
@@ -463,8 +470,9 @@ class TitansNeuralMemory(nn.Module):
         if not fast:  # neutralise everything past each row's real tokens
             beyond = torch.arange(padded, device=x.device)[None, None, :, None] >= total[:, None, None, None]
             gates = gates.masked_fill(beyond, 0.0)
+        initial = tuple(w.to(self.state_dtype).unsqueeze(0) for w in self.memory_weights)
         out, new_w, new_s = memory_scan(
-            weights, momentum, q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], b, self.activation, select
+            weights, momentum, q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], b, self.activation, select, initial
         )
 
         if fast:

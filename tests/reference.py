@@ -17,8 +17,12 @@ def mlp(weights, x, act):
     return a + x if len(weights) > 1 else a
 
 
-def reference_memory(weights, q, k, v, lr, eta, alpha, chunk_size, act=torch.nn.functional.silu):
-    """One head, one sequence. weights: list of (d_out, d_in); q, k, v: (T, d); lr, eta, alpha: (T,)."""
+def reference_memory(weights, q, k, v, lr, eta, alpha, chunk_size, act=torch.nn.functional.silu, initial=None):
+    """One head, one sequence. weights: list of (d_out, d_in); q, k, v: (T, d); lr, eta, alpha: (T,).
+
+    `initial` (default: `weights`) is the learned initial memory that forgetting returns to (model card D7).
+    """
+    initial = [w.clone() for w in (weights if initial is None else initial)]
     M = [w.clone() for w in weights]
     S = [torch.zeros_like(w) for w in weights]
     anchor = None
@@ -31,6 +35,6 @@ def reference_memory(weights, q, k, v, lr, eta, alpha, chunk_size, act=torch.nn.
             loss = (mlp(params, k[t], act) - v[t]).pow(2).sum()  # ℓ(M_{t'}; x_t) = ||M(k_t) - v_t||²
             grads = torch.autograd.grad(loss, params)
         S = [eta[t] * s - lr[t] * g for s, g in zip(S, grads)]  # S_t = η_t S_{t-1} - θ_t ∇ℓ
-        M = [(1 - alpha[t]) * m + s for m, s in zip(M, S)]  # M_t = (1 - α_t) M_{t-1} + S_t
+        M = [(1 - alpha[t]) * m + alpha[t] * m0 + s for m, m0, s in zip(M, initial, S)]  # Eq. 13, D7
         outputs.append(mlp(M, q[t], act))  # y_t = M*_t(q_t)
     return torch.stack(outputs), M, S

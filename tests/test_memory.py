@@ -20,14 +20,15 @@ def _random_problem(depth, seq_len, batch=2, heads=2, dim=5, hidden=7, seed=0):
     return weights, q, k, v, uniform(0.0, 0.1), uniform(0.0, 1.0), uniform(0.0, 0.3)
 
 
-def _scan(weights, q, k, v, lr, eta, alpha, chunk):
+def _scan(weights, q, k, v, lr, eta, alpha, chunk, initial=None):
     pad = -(-q.shape[2] // chunk) * chunk - q.shape[2]
     seq = lambda t: F.pad(t, (0, 0, 0, pad))  # noqa: E731
     gate = lambda t: F.pad(t, (0, pad))  # noqa: E731 (neutral padding: θ=0, log η=0, log(1-α)=0)
     momentum = tuple(torch.zeros_like(w) for w in weights)
     out, w_end, s_end = memory_scan(
-        tuple(weights), momentum, seq(q), seq(k), seq(v), gate(lr), gate(eta.log()), gate((1 - alpha).log()), chunk, "silu"
-    )
+        tuple(weights), momentum, seq(q), seq(k), seq(v), gate(lr), gate(eta.log()), gate((1 - alpha).log()), chunk,
+        "silu", initial=tuple(weights if initial is None else initial),
+    )  # fmt: skip
     return out[:, :, : q.shape[2]], w_end, s_end
 
 
@@ -50,11 +51,26 @@ def test_chunk_parallel_equals_token_recurrence(depth, chunk):
                     torch.testing.assert_close(got[b, h], want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_forgetting_pulls_towards_the_initial_memory(depth):
+    """A stream continued from a state M != M_init: α_t decays towards M_init (model card D7), token by token."""
+    weights, q, k, v, lr, eta, alpha = _random_problem(depth, 11, seed=5)
+    initial = [w + 0.5 * torch.randn_like(w) for w in weights]
+    out, w_end, _ = _scan(weights, q, k, v, lr, eta, alpha * 2, 3, initial=initial)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            ref_out, ref_w, _ = reference_memory(
+                [w[b, h] for w in weights], q[b, h], k[b, h], v[b, h], lr[b, h], eta[b, h], 2 * alpha[b, h], 3,
+                initial=[w[b, h] for w in initial],
+            )
+            torch.testing.assert_close(out[b, h], ref_out, atol=1e-6, rtol=0)
+
+
 def test_chunk_size_changes_semantics():
     """Guards the test above against passing trivially: chunk 1 and chunk 4 are different recurrences."""
     weights, q, k, v, lr, eta, alpha = _random_problem(2, 12)
-    a = _scan(weights, q, k, v, lr * 10, eta, alpha, 1)[0]
-    b = _scan(weights, q, k, v, lr * 10, eta, alpha, 4)[0]
+    a = _scan(weights, q, k, v, lr * 3, eta, alpha, 1)[0]
+    b = _scan(weights, q, k, v, lr * 3, eta, alpha, 4)[0]
     assert (a - b).abs().max() > 1e-4
 
 
