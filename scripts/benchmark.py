@@ -77,20 +77,21 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _import_titans():
-    sys.path.insert(0, ROOT)
+def _import_titans(code_dir=None):
+    if "modeling_titans" not in sys.modules:
+        sys.path.insert(0, code_dir or ROOT)  # the snapshot of the model code taken when the run started
     from configuration_titans import TitansConfig
     from modeling_titans import TitansCache, TitansForCausalLM
 
     return TitansConfig, TitansForCausalLM, TitansCache
 
 
-def build_model(name: str, dims: dict, max_len: int, device: str, attn: str | None):
+def build_model(name: str, dims: dict, max_len: int, device: str, attn: str | None, code_dir: str | None = None):
     """Returns (model, family, description). family: 'hf' or 'tp'."""
     import torch
 
     if name in TITANS_VARIANTS or name == "swa":
-        TitansConfig, TitansForCausalLM, _ = _import_titans()
+        TitansConfig, TitansForCausalLM, _ = _import_titans(code_dir)
         config = TitansConfig(
             variant="mag" if name == "swa" else name,
             memory_layers=[] if name == "swa" else None,
@@ -480,7 +481,10 @@ def worker_main(spec_path: str) -> int:
     state["torch_threads"] = torch.get_num_threads()
     emit()
     try:
-        model, family, config = build_model(spec["model"], spec["dims"], spec["max_len"], spec["device"], spec["attn"])
+        model, family, config = build_model(spec["model"], spec["dims"], spec["max_len"], spec["device"], spec["attn"],
+                                            spec.get("code_dir"))
+        if "modeling_titans" in sys.modules:
+            state["modeling_titans_file"] = sys.modules["modeling_titans"].__file__
         state["params"], state["config"] = count_params(model, family), config
         state["attn_implementation"] = getattr(getattr(model, "config", None), "_attn_implementation", None)
         state["dtype"] = str(next(model.parameters()).dtype)
@@ -536,7 +540,7 @@ def run_child(args, model, tasks, dims, max_len, log):
     tmpdir = tempfile.mkdtemp(prefix="titans-bench-")
     spec_path, out_path, err_path = (os.path.join(tmpdir, n) for n in ("spec.json", "out.json", "stderr.txt"))
     spec = dict(model=model, tasks=tasks, dims=dims, max_len=max_len, device=args.device, threads=args.threads,
-                attn=args.attn, out=out_path)  # fmt: skip
+                attn=args.attn, out=out_path, code_dir=args.code_dir)  # fmt: skip
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
@@ -646,6 +650,41 @@ def machine_info(args) -> dict:
     except Exception:  # noqa: BLE001
         pass
     return info
+
+
+CODE_FILES = ("configuration_titans.py", "modeling_titans.py")
+
+
+def snapshot_code(ref: str) -> tuple[str, dict]:
+    """Copy the model code (at git `ref`, or the working tree for 'worktree') to a private folder that every child
+    imports, so that edits to the repository during a long run cannot mix code versions between measurements."""
+    import hashlib
+    import shutil
+
+    folder = tempfile.mkdtemp(prefix="titans-bench-code-")
+    info = {"ref": ref, "files": {}}
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30)  # noqa: E731
+    if ref != "worktree":
+        commit = git("rev-parse", ref).stdout.strip()
+        if not commit:
+            raise SystemExit(f"--code-ref {ref!r}: not a git revision of {ROOT}")
+        info["commit"] = commit
+    for name in CODE_FILES:
+        dest = os.path.join(folder, name)
+        if ref == "worktree":
+            shutil.copy(os.path.join(ROOT, name), dest)
+        else:
+            blob = subprocess.run(["git", "show", f"{info['commit']}:{name}"], cwd=ROOT, capture_output=True, timeout=30)
+            if blob.returncode:
+                raise SystemExit(f"git show {info['commit']}:{name} failed: {blob.stderr.decode()[-500:]}")
+            with open(dest, "wb") as f:
+                f.write(blob.stdout)
+        with open(dest, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        with open(os.path.join(ROOT, name), "rb") as f:
+            same = hashlib.sha256(f.read()).hexdigest() == digest
+        info["files"][name] = {"sha256": digest, "same_as_worktree_at_start": same}
+    return folder, info
 
 
 def titans_pytorch_available() -> bool:
@@ -874,6 +913,9 @@ def parse_args(argv=None):
                         "shared with other jobs use 1: a multi-threaded op waits for its slowest thread, so every op "
                         "can cost a scheduler time slice (measured here: 10-30x slower steps with 2 threads at load 6)")
     p.add_argument("--attn", default=None, help="attn_implementation for Titans/Llama (default sdpa; Llama flash on GPU)")
+    p.add_argument("--code-ref", default="HEAD",
+                   help="git revision of configuration_titans.py / modeling_titans.py to benchmark ('worktree' for the "
+                        "files as they are); copied once at start so concurrent edits cannot leak into the run")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     dims = p.add_argument_group("model dimensions (default: the anchor configuration; --quick: tiny)")
     for key, value in FULL_DIMS.items():
@@ -922,6 +964,7 @@ def main(argv=None) -> int:
         except OSError:
             args.max_rss_gib = 0
     tp_ok = titans_pytorch_available()
+    args.code_dir, code_info = snapshot_code(args.code_ref)
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         bad = [m for m in models if m not in ALL_MODELS]
@@ -951,6 +994,7 @@ def main(argv=None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "meta": machine_info(args),
         "note": args.note,
+        "model_code": code_info,
         "plan": dict(models=models, lengths=lengths, batch=args.batch, decode_contexts=contexts, decode_steps=decode_steps,
                      decode_warmup=decode_warmup, decode_repeats=decode_repeats, warmup=warmup, min_steps=min_steps,
                      max_steps=max_steps, step_budget_s=args.step_budget_s, slow_step_s=args.slow_step_s,
@@ -988,7 +1032,7 @@ def main(argv=None) -> int:
         m = record["model"]
         info = data["models"].setdefault(m, {})
         for key in ("params", "config", "attn_implementation", "dtype", "rss_after_import", "rss_after_model",
-                    "torch_threads"):  # fmt: skip
+                    "torch_threads", "modeling_titans_file"):  # fmt: skip
             if payload.get(key) is not None and key not in info:
                 info[key] = payload[key]
         if isinstance(info.get("params"), dict):
@@ -1072,6 +1116,9 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001
             data["plot_error"] = f"{type(exc).__name__}: {exc}"
         save()
+    import shutil
+
+    shutil.rmtree(args.code_dir, ignore_errors=True)
     log(format_tables(data))
     log(f"\nwrote {out_path}" + (f" and {plot_path}" if data.get("plot") else "") + f" ({data['total_wall_s']:.0f} s)")
     return 0

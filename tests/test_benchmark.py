@@ -56,6 +56,9 @@ def test_benchmark_quick(tmp_path):
     for key in ("torch", "transformers", "cpu_count", "python"):
         assert data["meta"][key]
     assert "benchmark.py" in data["command"] and "--quick" in data["command"]
+    # the children import a private snapshot of the model code, taken once at start
+    assert data["model_code"]["commit"] and data["model_code"]["files"]["modeling_titans.py"]["sha256"]
+    assert "titans-bench-code-" in data["models"]["mag"]["modeling_titans_file"]
     assert data["summary"]["rows"], "ratio table missing"
     assert os.path.getsize(out.with_suffix(".png")) > 1000
     assert "Ratios and targets" in stdout
