@@ -131,6 +131,31 @@ def memory_apply(weights: tuple[torch.Tensor, ...], x: torch.Tensor, activation:
 _MIN_LOG_COEFF, _MIN_COEFF = -40.0, 1e-20
 
 
+def memory_gradient_factors(weights: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor, activation: str):
+    """Per-token gradient of ℓ = ||M(k) - v||² (Eq. 12) w.r.t. each memory layer, in factored form.
+
+    Forward at the given weights on the keys, then the analytic backward: the gradient of token j w.r.t. layer l is
+    the outer product deltas[l][j] ⊗ inputs[l][j]. Autograd-free, so it also runs inside `generate()` (no_grad).
+    """
+    act, act_grad = _MEMORY_ACTIVATIONS[activation]
+    depth = len(weights)
+    inputs, pre_acts = [], []
+    a = k
+    for layer, weight in enumerate(weights):
+        inputs.append(a)
+        z = a @ weight.transpose(-1, -2)
+        pre_acts.append(z)
+        a = act(z) if layer < depth - 1 else z
+    prediction = a + k if depth > 1 else a
+    delta = 2.0 * (prediction - v)
+    deltas = [None] * depth
+    for layer in reversed(range(depth)):
+        deltas[layer] = delta
+        if layer > 0:
+            delta = (delta @ weights[layer]) * act_grad(pre_acts[layer - 1])
+    return inputs, deltas
+
+
 def _exp_nonpositive(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """exp(x) for x <= 0, exactly 0 below e^-40 and outside `keep`."""
     drop = x < _MIN_LOG_COEFF
@@ -172,25 +197,10 @@ def memory_chunk_update(
     so no per-token weight copy is ever made. Shapes: q, k, v (B, H, b, d); lr, log_eta, log_keep (B, H, b).
     Returns (outputs (B, H, b, d), weights at the chunk end, momentum at the chunk end).
     """
-    act, act_grad = _MEMORY_ACTIVATIONS[activation]
+    act, _ = _MEMORY_ACTIVATIONS[activation]
     depth = len(weights)
     b = k.shape[-2]
-
-    # forward at M_0 on the keys and analytic backward of ||M(k) - v||²
-    inputs, pre_acts = [], []
-    a = k
-    for layer, weight in enumerate(weights):
-        inputs.append(a)
-        z = a @ weight.transpose(-1, -2)
-        pre_acts.append(z)
-        a = act(z) if layer < depth - 1 else z
-    prediction = a + k if depth > 1 else a
-    delta = 2.0 * (prediction - v)
-    deltas = [None] * depth
-    for layer in reversed(range(depth)):
-        deltas[layer] = delta
-        if layer > 0:
-            delta = (delta @ weights[layer]) * act_grad(pre_acts[layer - 1])
+    inputs, deltas = memory_gradient_factors(weights, k, v, activation)
 
     # decay / momentum coefficients in log space (stable: every exponent is <= 0)
     causal = torch.ones(b, b, dtype=torch.bool, device=k.device).tril()
