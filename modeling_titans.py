@@ -633,6 +633,8 @@ class TitansAttention(nn.Module):
             kv_pos = torch.cat([layer_cache.positions, positions], dim=1)
 
         keep = self.window - 1  # a query sees itself and at most window-1 earlier tokens
+        n_p = 0 if self.persistent_tokens is None else self.persistent_tokens.shape[0]
+        blocked = False
         if self.segment:
             mask = titans_attention_mask(positions, kv_pos, num_cached, 0, segment=self.window)
             ctx_key, ctx_value = self._kv(context, cos, sin)
@@ -643,11 +645,12 @@ class TitansAttention(nn.Module):
                 positions, kv_pos, num_cached, 0, segment=self.window, lookback=self.config.num_memory_tokens
             )
             ctx_mask &= (positions >= 0)[:, None, :, None]
-            n_p = 0 if self.persistent_tokens is None else self.persistent_tokens.shape[0]
             mask = torch.cat([mask.new_ones(bsz, 1, q_len, n_p), ctx_mask, mask], dim=-1)
             all_key, all_value = torch.cat([ctx_key, key], dim=2), torch.cat([ctx_value, value], dim=2)
+        elif q_len > 2 * self.window and self.config._attn_implementation != "flex_attention":  # flex: block mask
+            query, all_key, all_value, mask = self._window_blocks(query, key, value, positions, kv_pos, num_cached, n_p)
+            blocked = True
         else:
-            n_p = 0 if self.persistent_tokens is None else self.persistent_tokens.shape[0]
             mask = titans_attention_mask(positions, kv_pos, num_cached, n_p, window=self.window)
             all_key, all_value = key, value
 
@@ -660,8 +663,9 @@ class TitansAttention(nn.Module):
 
         if self.persistent_tokens is not None:  # position-free: no RoPE on persistent keys (model card D8)
             p = self.persistent_tokens.to(hidden_states.dtype)
-            p_key = self.k_proj(p).view(p.shape[0], -1, self.head_dim).transpose(0, 1)[None].expand(bsz, -1, -1, -1)
-            p_value = self.v_proj(p).view(p.shape[0], -1, self.head_dim).transpose(0, 1)[None].expand(bsz, -1, -1, -1)
+            rows = all_key.shape[0]
+            p_key = self.k_proj(p).view(p.shape[0], -1, self.head_dim).transpose(0, 1)[None].expand(rows, -1, -1, -1)
+            p_value = self.v_proj(p).view(p.shape[0], -1, self.head_dim).transpose(0, 1)[None].expand(rows, -1, -1, -1)
             all_key = torch.cat([p_key, all_key], dim=2)
             all_value = torch.cat([p_value, all_value], dim=2)
 
@@ -677,7 +681,7 @@ class TitansAttention(nn.Module):
 
             dense = mask[:, 0]
             mask = create_block_mask(
-                lambda b, h, q, kv: dense[b, q, kv], bsz, None, q_len, dense.shape[-1], device=query.device
+                lambda b, h, q, kv: dense[b, q, kv], *dense.shape[:1], None, *dense.shape[1:], device=query.device
             )
         attn_output, attn_weights = attention_interface(
             self,
@@ -689,8 +693,30 @@ class TitansAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        attn_output = attn_output.reshape(bsz, q_len, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        attn_output = attn_output.reshape(bsz, -1, attn_output.shape[-2] * attn_output.shape[-1])
+        if blocked:
+            attn_output = attn_output[:, :q_len]
+        return self.o_proj(attn_output.contiguous()), attn_weights
+
+    def _window_blocks(self, query, key, value, q_pos, kv_pos, num_cached, num_persistent):
+        """Sliding window in blocks of `window` queries, each block seeing its own and the previous block of keys:
+        O(T·W) time and memory instead of a dense T×T mask. Returns block-batched (B·nb, ...) query, keys, mask."""
+        w = self.window
+        bsz, heads, q_len, dim = query.shape
+        nb = -(-q_len // w)
+        pad = nb * w - q_len
+        lead = w - num_cached  # new token j sits at w + j of the extended key axis (num_cached <= w - 1)
+        index = (torch.arange(nb, device=query.device)[:, None] * w + torch.arange(2 * w, device=query.device)).flatten()
+
+        def blocks(t):  # (B, H, S + L, d) -> (B·nb, H, 2w, d)
+            t = F.pad(t, (0, 0, lead, pad))[:, :, index].view(bsz, t.shape[1], nb, 2 * w, dim)
+            return t.transpose(1, 2).reshape(bsz * nb, t.shape[1], 2 * w, dim)
+
+        kv_pos_b = F.pad(kv_pos, (lead, pad), value=-1)[:, index].view(bsz * nb, 2 * w)
+        q_pos_b = F.pad(q_pos, (0, pad), value=-1).view(bsz * nb, w)
+        query_b = F.pad(query, (0, 0, 0, pad)).view(bsz, heads, nb, w, dim).transpose(1, 2).reshape(bsz * nb, heads, w, dim)
+        mask = titans_attention_mask(q_pos_b, kv_pos_b, w, num_persistent, window=w)
+        return query_b, blocks(key), blocks(value), mask
 
 
 # ----------------------------------------------------------------------------------------------------------------
