@@ -189,3 +189,12 @@ def test_long_stream_stays_finite_and_bounded(variant, dtype):
         for w in layer.memory.weights:
             assert w.dtype == torch.float32  # inner state in fp32 even for a bf16 model
             assert torch.isfinite(w).all() and w.norm() < 100
+
+
+def test_generate_from_inputs_embeds_matches_input_ids():
+    model = tiny_model("mac")
+    ids = _prompt(13)
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    from_ids = model.generate(ids, **kwargs)[:, ids.shape[1] :]
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), **kwargs)
+    assert torch.equal(from_ids, from_embeds)
