@@ -198,3 +198,21 @@ def test_generate_from_inputs_embeds_matches_input_ids():
     from_ids = model.generate(ids, **kwargs)[:, ids.shape[1] :]
     from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), **kwargs)
     assert torch.equal(from_ids, from_embeds)
+
+
+def test_batch_select_and_repeat_cover_the_whole_state(variant):
+    """batch_select_indices / batch_repeat_interleave move every tensor of the state, memory included."""
+    model = tiny_model(variant)
+    a, b = _prompt(4 * WINDOW + 3, seed=1), _prompt(4 * WINDOW + 3, seed=2)
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with torch.no_grad():  # as with any HF cache, the cache holds all but the last token given to generate()
+        cache = TitansCache(model.config)
+        model(torch.cat([a, b])[:, :-1], past_key_values=cache, use_cache=True)
+        cache.batch_select_indices(torch.tensor([1]))
+        assert torch.equal(model.generate(b, past_key_values=cache, **kwargs), model.generate(b, **kwargs))
+        cache = TitansCache(model.config)
+        model(a[:, :-1], past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(2)
+        both = model.generate(torch.cat([a, a]), past_key_values=cache, **kwargs)
+    alone = model.generate(a, **kwargs)
+    assert torch.equal(both[0], alone[0]) and torch.equal(both[1], alone[0])
