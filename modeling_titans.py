@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import GenerationMixin
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -676,13 +677,18 @@ class TitansAttention(nn.Module):
                 f"attn_implementation={impl!r} cannot express Titans' persistent-prefix + window/segment mask; "
                 "use 'sdpa', 'flex_attention' or 'eager'."
             )
-        if impl == "flex_attention":  # block-sparse mask built from the same boolean pattern
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            dense = mask[:, 0]
-            mask = create_block_mask(
-                lambda b, h, q, kv: dense[b, q, kv], *dense.shape[:1], None, *dense.shape[1:], device=query.device
-            )
+        # the backend's own mask format (bool for sdpa, additive for eager, BlockMask for flex) from masking_utils,
+        # with the position-based pattern above as the mask function
+        dense = mask[:, 0]
+        mask_kwargs = dict(
+            batch_size=dense.shape[0], q_length=dense.shape[1], kv_length=dense.shape[2],
+            mask_function=lambda b, h, q, kv: dense[b, q, kv], device=query.device,
+        )  # fmt: skip
+        if impl == "sdpa":
+            mask_kwargs["allow_is_causal_skip"] = False  # never let SDPA fall back to is_causal (it would crop K/V)
+        elif impl == "eager":
+            mask_kwargs["dtype"] = query.dtype
+        mask = ALL_MASK_ATTENTION_FUNCTIONS[impl](**mask_kwargs) if impl in ALL_MASK_ATTENTION_FUNCTIONS else mask
         attn_output, attn_weights = attention_interface(
             self,
             query,
