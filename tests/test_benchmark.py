@@ -43,6 +43,10 @@ def check_entries(data, models, lengths, contexts):
             assert e["tokens_per_s"] > 0 and e["prefill_s"] > 0 and e["peak_rss_bytes"] > 0
             assert e["repeats_identical"], e  # greedy decoding from the same cache is deterministic
             assert all(len(rep) == e["steps"] for rep in e["repeat_step_s"])
+        if len(contexts) >= 2:  # both contexts alternating in one process (robust long/short decode ratio)
+            (e,) = [e for e in data["decode_interleaved"] if e["model"] == m]
+            assert e["status"] == "ok", e
+            assert e["ratio_long_short"] > 0 and all(v > 0 for v in e["tokens_per_s"].values())
 
 
 @pytest.mark.slow
