@@ -195,7 +195,7 @@ def plot(traces: dict, tokens: list[str], path: str, title: str):
     axes[0, 0].legend(fontsize=6, loc="best")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=75)
     plt.close(fig)
 
 
