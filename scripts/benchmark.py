@@ -888,21 +888,29 @@ def plot(data, path):
     axes[1].set_title("Peak memory (own process per point)")
     if plan["decode_contexts"]:
         ctxs = plan["decode_contexts"]
-        width = 0.8 / max(len(ctxs), 1)
-        for j, C in enumerate(ctxs):
-            vals = [_get(data["decode"], m, "context", C) or 0.0 for m in plan["models"]]
-            xs = [i + (j - (len(ctxs) - 1) / 2) * width for i in range(len(plan["models"]))]
-            axes[2].bar(xs, vals, width, label=f"context {C}")
+        inter = {e["model"]: e for e in data.get("decode_interleaved", []) if e.get("status") == "ok"}
+        series = [(f"context {C} (own process)", C, None) for C in ctxs]
+        if inter:
+            series += [(f"context {C} (alternating, one process)", C, "//") for C in sorted({min(ctxs), max(ctxs)})]
+        width = 0.8 / len(series)
+        for j, (label, C, hatch) in enumerate(series):
+            if hatch:
+                vals = [inter[m]["tokens_per_s"].get(str(C), 0.0) if m in inter else 0.0 for m in plan["models"]]
+            else:
+                vals = [_get(data["decode"], m, "context", C) or 0.0 for m in plan["models"]]
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(plan["models"]))]
+            axes[2].bar(xs, vals, width, label=label, hatch=hatch, color=f"C{ctxs.index(C) if C in ctxs else j}",
+                        alpha=0.55 if hatch else 1.0)  # fmt: skip
         axes[2].set_xticks(range(len(plan["models"])), plan["models"], rotation=30)
         axes[2].set_yscale("log")
         axes[2].set_ylabel("decode tokens/s (batch 1, greedy, cached)")
         axes[2].set_title(f"Cached decoding, {plan['decode_steps']} steps after prefill")
-        axes[2].legend(fontsize=8)
+        axes[2].legend(fontsize=7)
         axes[2].grid(alpha=0.3, axis="y")
     else:
         axes[2].axis("off")
     info = data["meta"]
-    fig.suptitle(f"Titans benchmark - {info.get('cpu_model') or info['device']}, {info['threads']} threads, "
+    fig.suptitle(f"Titans benchmark - {info.get('cpu_model') or info['device']}, torch threads={info['threads']}, "
                  f"torch {info['torch']}" + (" (--quick)" if plan.get("quick") else ""), fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -913,6 +921,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--replot", metavar="JSON", help="only redraw the plot and reprint the tables of an existing JSON")
     p.add_argument("--output", default=os.path.join(ROOT, "results", "benchmark.json"), help="JSON path")
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png); 'none' disables")
     p.add_argument("--quick", action="store_true", help="tiny dims and lengths, 1 warm-up + 2 steps (CI, seconds)")
@@ -983,6 +992,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
+    if args.replot:
+        with open(args.replot) as f:
+            data = json.load(f)
+        data["summary"] = summarize(data)
+        path = args.plot or os.path.splitext(args.replot)[0] + ".png"
+        plot(data, path)
+        print(format_tables(data) + f"\nwrote {path}")
+        return 0
 
     q = args.quick
     if args.threads is None:

@@ -66,6 +66,10 @@ def test_benchmark_quick(tmp_path):
     assert data["summary"]["rows"], "ratio table missing"
     assert os.path.getsize(out.with_suffix(".png")) > 1000
     assert "Ratios and targets" in stdout
+    replot = tmp_path / "replot.png"
+    proc = subprocess.run([sys.executable, SCRIPT, "--replot", str(out), "--plot", str(replot)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and os.path.getsize(replot) > 1000, proc.stderr[-2000:]
 
 
 @pytest.mark.slow
