@@ -347,8 +347,11 @@ def plot(results: dict, path: str):
                 res = block["models"][name]
                 keys = list(res["eval"])
                 label = model_label(name, base)
-                if res.get("skipped_steps"):
-                    label += f" [memory diverged: {res['steps']} steps done]"
+                planned = results["config"].get(f"{task}_steps") or results["config"]["steps"]
+                if res.get("skipped_steps") and res["steps"] + res["skipped_steps"] < planned:
+                    label += f" [memory diverged: stopped after {res['steps']} steps]"
+                elif res.get("skipped_steps"):
+                    label += f" [{res['skipped_steps']} non-finite batch(es) skipped]"
                 color, ls = styles.get(name, (None, "-"))
                 ax.plot([float(k) for k in keys], [100 * res["eval"][k][metric] for k in keys], marker="o",
                         color=color, linestyle=ls, label=label)  # fmt: skip
