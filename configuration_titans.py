@@ -2,6 +2,10 @@
 """Titans model configuration (Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663)."""
 
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
@@ -39,9 +43,9 @@ class TitansConfig(PreTrainedConfig):
         memory_conv_size (`int`, defaults to 4): kernel of the depthwise causal convolution after q/k/v (§4.4);
             0 disables it.
         memory_max_lr (`float`, defaults to 0.02): upper bound of the inner learning rate θ_t. Inside a chunk the
-            gradient is stale (taken at the chunk start) and momentum accumulates it, so the inner loop is stable
-            only for roughly θ · memory_chunk_size / (1 - η) ≲ 1 (keys are unit vectors); larger values made the
-            memory diverge in training.
+            gradient is stale (taken at the chunk start), so one chunk is a gradient step of size Σθ ≤
+            memory_max_lr · memory_chunk_size on a loss of curvature ≈ 2 (unit keys): keep that product ≤ 1
+            (a warning says so). θ_t is scaled by (1 - η_t), so momentum cannot amplify it (model card D18).
         memory_activation (`str`, defaults to `"silu"`): non-linearity between the layers of a deep memory.
         memory_use_momentum (`bool`): ablation switch; `False` fixes η_t = 0 (paper Tab. 5 "w/o momentum").
         memory_use_forgetting (`bool`): ablation switch; `False` fixes α_t = 0 (paper Tab. 5 "w/o weight decay").
@@ -132,6 +136,12 @@ class TitansConfig(PreTrainedConfig):
             )
         if not (isinstance(self.memory_max_lr, (int, float)) and self.memory_max_lr > 0):
             raise ValueError(f"TitansConfig.memory_max_lr must be a positive number, got {self.memory_max_lr!r}.")
+        if self.memory_max_lr * self.memory_chunk_size > 1:
+            logger.warning(
+                f"TitansConfig: memory_max_lr * memory_chunk_size = {self.memory_max_lr * self.memory_chunk_size:g} "
+                "> 1. Inside a chunk all gradients are taken at the chunk-start weights, so one chunk is a step of "
+                "up to that size on a loss of curvature ~2; the memory may diverge. Lower memory_max_lr."
+            )
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise ValueError(f"TitansConfig.rope_theta must be a positive number, got {self.rope_theta!r}.")
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):

@@ -249,12 +249,15 @@ def memory_scan(
     """
     outputs = []
     selected_w, selected_s = weights, momentum
-    for c, start in enumerate(range(0, k.shape[-2], chunk_size)):
-        sl = slice(start, start + chunk_size)
+    # Split once: per-chunk slicing would make the backward write a full-length zero gradient per chunk.
+    pieces = zip(
+        *(t.split(chunk_size, dim=-2) for t in (q, k, v)),
+        *(t.split(chunk_size, dim=-1) for t in (lr, log_eta, log_keep)),
+    )
+    for c, (q_c, k_c, v_c, lr_c, eta_c, keep_c) in enumerate(pieces):
         out, weights, momentum = memory_chunk_update(
-            weights, momentum, q[..., sl, :], k[..., sl, :], v[..., sl, :],
-            lr[..., sl], log_eta[..., sl], log_keep[..., sl], activation, initial,
-        )  # fmt: skip
+            weights, momentum, q_c, k_c, v_c, lr_c, eta_c, keep_c, activation, initial
+        )
         outputs.append(out)
         if select_chunk is not None:
             take = (select_chunk == c + 1).view(-1, *([1] * (weights[0].dim() - 1)))
@@ -383,7 +386,11 @@ class TitansNeuralMemory(nn.Module):
         else:
             log_keep = torch.zeros_like(lr)
         if self.momentum_proj is not None:
-            log_eta = F.logsigmoid(self.momentum_proj(x).to(dtype) + bias[2])
+            eta_logit = self.momentum_proj(x).to(dtype) + bias[2]
+            log_eta = F.logsigmoid(eta_logit)
+            # θ_t scaled by (1 - η_t) (model card D18): momentum then averages the surprise instead of summing it,
+            # so a chunk moves the memory by at most Σθ, never Σθ/(1 - η), whatever η the outer training learns.
+            lr = lr * torch.sigmoid(-eta_logit)
         else:  # η = 0 (ablation): a large negative log keeps the closed form finite and exact
             log_eta = torch.full_like(lr, -1e4)
         return torch.stack([lr, log_eta, log_keep], dim=-1).transpose(1, 2)

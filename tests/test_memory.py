@@ -119,3 +119,36 @@ def test_padding_never_writes_into_memory():
     torch.testing.assert_close(out[valid][None], ref, atol=1e-10, rtol=0)
     # without the mask the padding would be written, and the outputs would differ
     assert (memory(padded)[0][valid][None] - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("eta_bias", [0.0, 4.0])  # η = 0.5, 0.98
+def test_saturated_gates_keep_the_memory_bounded(eta_bias):
+    """D18: with θ at its maximum and η → 1 (what the outer training drifted to when the inner loop diverged), a
+    chunk moves the memory by at most Σθ; a long stream of one repeated association stays bounded."""
+    config = tiny_config("mag", memory_max_lr=0.25, memory_chunk_size=4, memory_conv_size=0)  # Σθ per chunk = 1
+    memory = TitansNeuralMemory(config, layer_idx=0).double()
+    with torch.no_grad():
+        for w in memory.memory_weights:
+            w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0), dtype=w.dtype) * 0.3)
+        memory.gate_bias.copy_(torch.tensor([[20.0], [-20.0], [eta_bias]]).expand_as(memory.gate_bias))  # θ max, α ≈ 0
+        memory.lr_proj.weight.zero_(), memory.forget_proj.weight.zero_(), memory.momentum_proj.weight.zero_()
+    x = torch.randn(1, 1, config.hidden_size, dtype=torch.float64).expand(1, 256, -1)
+    _, state = memory(x, return_state=True)
+    start = max(w.norm().item() for w in memory.memory_weights)
+    assert max(w.norm().item() for w in state.weights) < 3 * start
+
+
+def test_warns_when_a_chunk_step_can_exceed_one(caplog):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            tiny_config(memory_max_lr=0.5, memory_chunk_size=4)
+        assert "memory_max_lr * memory_chunk_size = 2" in caplog.text
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            tiny_config(memory_max_lr=0.25, memory_chunk_size=4)
+        assert "memory_max_lr" not in caplog.text
+    finally:
+        hf_logging.disable_propagation()
