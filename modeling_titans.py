@@ -169,51 +169,65 @@ def _flush_tiny(x: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(x.abs() < _MIN_COEFF, 0.0)
 
 
+def memory_chunk_coefficients(lr: torch.Tensor, log_eta: torch.Tensor, log_keep: torch.Tensor, chunk_size: int):
+    """Closed-form momentum / decay coefficients of every chunk at once (paper §3.2, Eq. 16-18).
+
+    Unrolling S_i = η_i S_{i-1} - θ_i u_i (Eq. 10/14) and M_i = (1 - α_i) M_{i-1} + S_i (Eq. 13) over one chunk gives,
+    with β_i = Π(1-α), m_i = Π η, n_ij = θ_j Π_{j<k<=i} η_k (products from the chunk start):
+
+        S_i = m_i S_0 - Σ_j n_ij u_j,     M_i = β_i M_0 + f_i S_0 - Σ_j G_ij u_j,
+        f_i = Σ_{k<=i} (β_i/β_k) m_k,     G = tril(β_i/β_k) @ N.
+
+    They depend on the gates only, so they are computed for all chunks in one batch, in log space (every exponent is
+    <= 0). Inputs (B, H, T) with T a multiple of `chunk_size`. Returns G as (B, H, T, b) (row i of its chunk's
+    matrix), and per token (B, H, T): n_{b,j} (the last row of N), β_i, f_i and m_i.
+    """
+    shape = (*lr.shape[:-1], -1, chunk_size)
+    lr, log_eta, log_keep = lr.reshape(shape), log_eta.reshape(shape), log_keep.reshape(shape)
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=lr.device).tril()
+    cum_eta, cum_keep = log_eta.cumsum(-1), log_keep.cumsum(-1)
+    decay = _exp_nonpositive(cum_keep[..., :, None] - cum_keep[..., None, :], causal)
+    carry = _exp_nonpositive(cum_eta[..., :, None] - cum_eta[..., None, :], causal)
+    n = _flush_tiny(carry * lr[..., None, :])
+    g = _flush_tiny(decay @ n)
+    m = _exp_nonpositive(cum_eta)
+    f = _flush_tiny((decay @ m[..., None]).squeeze(-1))
+    beta = _exp_nonpositive(cum_keep)
+    flat = lambda t: t.flatten(-2)  # noqa: E731
+    return g.flatten(-3, -2), flat(n[..., -1, :]), flat(beta), flat(f), flat(m)
+
+
 def memory_chunk_update(
     weights: tuple[torch.Tensor, ...],
     momentum: tuple[torch.Tensor, ...],
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    lr: torch.Tensor,
-    log_eta: torch.Tensor,
-    log_keep: torch.Tensor,
+    g: torch.Tensor,
+    n_last: torch.Tensor,
+    beta: torch.Tensor,
+    f: torch.Tensor,
+    m: torch.Tensor,
     activation: str,
     initial: tuple[torch.Tensor, ...] | None = None,
 ):
     """One chunk of the chunk-parallel memory (paper §3.2, Eq. 16-18), exact per token.
 
     Inside the chunk every gradient u_j = ∇ℓ(M_0; k_j, v_j) is taken at the chunk-start weights M_0 (Eq. 16), with the
-    associative loss ℓ = ||M(k) - v||² (Eq. 12). Unrolling S_i = η_i S_{i-1} - θ_i u_i (Eq. 10/14) and
-    M_i = (1 - α_i) M_{i-1} + S_i (Eq. 13) gives, with β_i = Π(1-α), m_i = Π η, n_ij = θ_j Π_{j<k<=i} η_k:
-
-        S_i = m_i S_0 - Σ_j n_ij u_j,     M_i = β_i M_0 + f_i S_0 - Σ_j G_ij u_j,
-        f_i = Σ_{k<=i} (β_i/β_k) m_k,     G = tril(β_i/β_k) @ N.
+    associative loss ℓ = ||M(k) - v||² (Eq. 12); the coefficients g, n_last, β, f, m come from
+    `memory_chunk_coefficients` (shapes (B, H, b, b) and (B, H, b)).
 
     Forgetting pulls the memory back to its learned initial weights `initial` (M_init) rather than to zero
     (model card D7): M_i = (1 - α_i) M_{i-1} + α_i M_init + S_i, which adds (1 - β_i) M_init to M_i. Without it, a
     deep memory without biases collapses to M = 0, where its gradient vanishes, within a few hundred tokens.
 
     Retrieval with the per-token weights M_i uses the dual form (each u_j is an outer product δ_j a_jᵀ per layer),
-    so no per-token weight copy is ever made. Shapes: q, k, v (B, H, b, d); lr, log_eta, log_keep (B, H, b).
+    so no per-token weight copy is ever made. Shapes: q, k, v (B, H, b, d).
     Returns (outputs (B, H, b, d), weights at the chunk end, momentum at the chunk end).
     """
     act, _ = _MEMORY_ACTIVATIONS[activation]
     depth = len(weights)
-    b = k.shape[-2]
     inputs, deltas = memory_gradient_factors(weights, k, v, activation)
-
-    # decay / momentum coefficients in log space (stable: every exponent is <= 0)
-    causal = torch.ones(b, b, dtype=torch.bool, device=k.device).tril()
-    cum_eta = log_eta.cumsum(-1)
-    cum_keep = log_keep.cumsum(-1)
-    decay = _exp_nonpositive(cum_keep[..., :, None] - cum_keep[..., None, :], causal)
-    carry = _exp_nonpositive(cum_eta[..., :, None] - cum_eta[..., None, :], causal)
-    n = _flush_tiny(carry * lr[..., None, :])
-    g = _flush_tiny(decay @ n)
-    m = _exp_nonpositive(cum_eta)
-    beta = _exp_nonpositive(cum_keep)
-    f = _flush_tiny((decay @ m[..., None]).squeeze(-1))
 
     # per-token retrieval y_i = M_i(q_i) by the dual form
     a = q
@@ -228,7 +242,7 @@ def memory_chunk_update(
     outputs = a + q if depth > 1 else a
 
     # states at the chunk end
-    g_last, n_last = g[..., -1, :, None], n[..., -1, :, None]
+    g_last, n_last = g[..., -1, :, None], n_last[..., :, None]
     beta_last, f_last, m_last = beta[..., -1, None, None], f[..., -1, None, None], m[..., -1, None, None]
     new_weights, new_momentum = [], []
     for layer in range(depth):
@@ -246,26 +260,119 @@ def memory_scan(
     The inter-chunk recurrence is sequential (the gradient of chunk c needs M at its start); inside a chunk all is
     matmuls (`memory_chunk_update`). If `select_chunk` (B,) is given, the returned state of row r is the one after
     `select_chunk[r]` chunks (rows may hold different numbers of real tokens); otherwise the final state.
+
+    With autograd on, `_MemoryScanFunction` keeps only the chunk-boundary states for the backward and recomputes
+    one chunk at a time there: the per-token activations of all chunks are never alive at once.
     """
-    outputs = []
-    selected_w, selected_s = weights, momentum
-    # Split once: per-chunk slicing would make the backward write a full-length zero gradient per chunk.
-    pieces = zip(
-        *(t.split(chunk_size, dim=-2) for t in (q, k, v)),
-        *(t.split(chunk_size, dim=-1) for t in (lr, log_eta, log_keep)),
+    initial = tuple(initial) if initial is not None else ()
+    coefficients = memory_chunk_coefficients(lr, log_eta, log_keep, chunk_size)
+    tensors = (*weights, *momentum, *initial, q, k, v, *coefficients)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        out, *state = _MemoryScanFunction.apply(chunk_size, activation, len(weights), select_chunk, *tensors)
+        return out, tuple(state[: len(weights)]), tuple(state[len(weights) :])
+    out, new_w, new_s, _ = _scan_chunks(
+        weights, momentum, (q, k, v, *coefficients), chunk_size, activation, select_chunk, initial or None
     )
-    for c, (q_c, k_c, v_c, lr_c, eta_c, keep_c) in enumerate(pieces):
-        out, weights, momentum = memory_chunk_update(
-            weights, momentum, q_c, k_c, v_c, lr_c, eta_c, keep_c, activation, initial
+    return out, new_w, new_s
+
+
+_SEQUENCE_INPUTS = 8  # q, k, v, g, n_last, beta, f, m
+
+
+def _chunks(sequence, chunk_size):
+    # Split once: per-chunk slicing would make the backward write a full-length zero gradient per chunk.
+    q, k, v, g, *per_token = sequence
+    return list(
+        zip(
+            *(t.split(chunk_size, dim=-2) for t in (q, k, v, g)),
+            *(t.split(chunk_size, dim=-1) for t in per_token),
         )
+    )
+
+
+def _select(select_chunk, c, new, old):
+    """Rows whose state is the one after `c` chunks take `new`."""
+    take = (select_chunk == c).view(-1, *([1] * (new[0].dim() - 1)))
+    return tuple(torch.where(take, n, o) for n, o in zip(new, old))
+
+
+def _scan_chunks(weights, momentum, sequence, chunk_size, activation, select_chunk, initial, keep_states=False):
+    outputs, boundaries = [], []
+    selected_w, selected_s = weights, momentum
+    for c, piece in enumerate(_chunks(sequence, chunk_size)):
+        if keep_states:
+            boundaries.append((weights, momentum))
+        out, weights, momentum = memory_chunk_update(weights, momentum, *piece, activation, initial)
         outputs.append(out)
         if select_chunk is not None:
-            take = (select_chunk == c + 1).view(-1, *([1] * (weights[0].dim() - 1)))
-            selected_w = tuple(torch.where(take, w, s) for w, s in zip(weights, selected_w))
-            selected_s = tuple(torch.where(take, w, s) for w, s in zip(momentum, selected_s))
+            selected_w = _select(select_chunk, c + 1, weights, selected_w)
+            selected_s = _select(select_chunk, c + 1, momentum, selected_s)
     if select_chunk is None:
         selected_w, selected_s = weights, momentum
-    return torch.cat(outputs, dim=-2), selected_w, selected_s
+    return torch.cat(outputs, dim=-2), selected_w, selected_s, boundaries
+
+
+class _MemoryScanFunction(torch.autograd.Function):
+    """`memory_scan` whose backward recomputes each chunk from its saved start state (activation checkpointing per
+    chunk, done in one Function so that only one chunk's intermediates are alive in the backward)."""
+
+    @staticmethod
+    def forward(ctx, chunk_size, activation, depth, select_chunk, *tensors):
+        weights, momentum = tensors[:depth], tensors[depth : 2 * depth]
+        initial = tensors[2 * depth : -_SEQUENCE_INPUTS] or None
+        sequence = tensors[-_SEQUENCE_INPUTS:]
+        out, new_w, new_s, boundaries = _scan_chunks(
+            weights, momentum, sequence, chunk_size, activation, select_chunk, initial, keep_states=True
+        )
+        ctx.chunk_size, ctx.activation, ctx.depth, ctx.select_chunk = chunk_size, activation, depth, select_chunk
+        ctx.boundaries = boundaries
+        ctx.save_for_backward(*tensors)
+        return (out, *new_w, *new_s)
+
+    @staticmethod
+    def backward(ctx, grad_out, *grad_state):
+        depth, select_chunk, chunk_size = ctx.depth, ctx.select_chunk, ctx.chunk_size
+        tensors = ctx.saved_tensors
+        initial = tuple(t.detach() for t in tensors[2 * depth : -_SEQUENCE_INPUTS])
+        sequence = tensors[-_SEQUENCE_INPUTS:]
+        grad_sel_w, grad_sel_s = grad_state[:depth], grad_state[depth:]
+        grad_sequence = [torch.zeros_like(t) for t in sequence]
+        grad_initial = [torch.zeros_like(t) for t in initial]
+        pieces = _chunks(grad_sequence, chunk_size)  # views: writing a piece fills the full gradient
+        inputs = _chunks(sequence, chunk_size)
+        zero = lambda ts: tuple(torch.zeros_like(t) for t in ts)  # noqa: E731
+        if select_chunk is None:
+            grad_w, grad_s = grad_sel_w, grad_sel_s
+        else:
+            grad_w, grad_s = zero(grad_sel_w), zero(grad_sel_s)
+        for c in reversed(range(len(inputs))):
+            if select_chunk is not None:
+                grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, c + 1, grad_sel_w, zero(grad_w))))
+                grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, c + 1, grad_sel_s, zero(grad_s))))
+            start_w, start_s = ctx.boundaries[c]
+            leaves = [t.detach().requires_grad_() for t in (*start_w, *start_s, *initial, *inputs[c])]
+            with torch.enable_grad():
+                out, new_w, new_s = memory_chunk_update(
+                    tuple(leaves[:depth]), tuple(leaves[depth : 2 * depth]), *leaves[-_SEQUENCE_INPUTS:],
+                    ctx.activation, tuple(leaves[2 * depth : -_SEQUENCE_INPUTS]) or None,
+                )  # fmt: skip
+                grads = torch.autograd.grad(
+                    (out, *new_w, *new_s),
+                    leaves,
+                    (grad_out[..., c * chunk_size : (c + 1) * chunk_size, :], *grad_w, *grad_s),
+                    allow_unused=True,
+                )
+            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+            grad_w, grad_s = tuple(grads[:depth]), tuple(grads[depth : 2 * depth])
+            for acc, g in zip(grad_initial, grads[2 * depth : -_SEQUENCE_INPUTS]):
+                acc += g
+            for piece, g in zip(pieces[c], grads[-_SEQUENCE_INPUTS:]):
+                piece.copy_(g)
+        if select_chunk is not None:  # rows that closed no chunk return their input state
+            grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, 0, grad_sel_w, zero(grad_w))))
+            grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, 0, grad_sel_s, zero(grad_s))))
+        ctx.boundaries = None
+        return (None, None, None, None, *grad_w, *grad_s, *grad_initial, *grad_sequence)
 
 
 def _compact(x: torch.Tensor, valid: torch.Tensor):

@@ -152,3 +152,31 @@ def test_warns_when_a_chunk_step_can_exceed_one(caplog):
         assert "memory_max_lr" not in caplog.text
     finally:
         hf_logging.disable_propagation()
+
+
+@pytest.mark.parametrize("select", [None, (3, 0)])
+def test_recomputing_backward_equals_autograd(select):
+    """`_MemoryScanFunction` (saves chunk-boundary states, recomputes each chunk in the backward) against plain
+    autograd through the same chunk loop, for every input, including the per-row selected end state."""
+    from modeling_titans import _scan_chunks, memory_chunk_coefficients
+
+    def run(recompute):
+        weights, q, k, v, lr, eta, alpha = _random_problem(2, 12, seed=7)
+        gen = torch.Generator().manual_seed(3)
+        momentum = [torch.randn(w.shape, generator=gen, dtype=w.dtype) * 0.1 for w in weights]
+        initial = [w[:1].clone() + 0.1 for w in weights]
+        leaves = [t.requires_grad_() for t in (*weights, *momentum, *initial, q, k, v, lr, eta.log(), (1 - alpha).log())]
+        W, S, init, seq = leaves[0:2], leaves[2:4], leaves[4:6], leaves[6:]
+        sel = None if select is None else torch.tensor(select)
+        if recompute:
+            out, w_end, s_end = memory_scan(tuple(W), tuple(S), *seq, 4, "silu", sel, tuple(init))
+        else:
+            coefficients = memory_chunk_coefficients(*seq[3:], 4)
+            out, w_end, s_end, _ = _scan_chunks(tuple(W), tuple(S), (*seq[:3], *coefficients), 4, "silu", sel, tuple(init))
+        gen = torch.Generator().manual_seed(5)
+        loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in (out, *w_end, *s_end))
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    for fast, slow in zip(run(True), run(False)):
+        torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
