@@ -393,14 +393,24 @@ class TitansMemoryState:
     weights / momentum: M and S at the last chunk boundary, one tensor per memory layer, (B, H, d_out, d_in), fp32.
     buffer_{k,v,gates}: keys, values and (θ, log η, log(1-α)) of the tokens since that boundary, (B, H, b, ·);
     buffer_length (B,) says how many slots are real. conv: the last K-1 pre-convolution q/k/v projections.
+    current_weights / current_momentum: M_t and S_t after the last buffered token, kept by one-token decoding steps
+    (None until the first one: they are recomputed from the boundary state and the buffer when needed).
     """
 
-    _FIELDS = ("weights", "momentum", "buffer_k", "buffer_v", "buffer_gates", "buffer_length", "conv")
+    _FIELDS = (
+        "weights", "momentum", "buffer_k", "buffer_v", "buffer_gates", "buffer_length", "conv",
+        "current_weights", "current_momentum",
+    )  # fmt: skip
 
-    def __init__(self, weights, momentum, buffer_k, buffer_v, buffer_gates, buffer_length, conv):
+    def __init__(
+        self, weights, momentum, buffer_k, buffer_v, buffer_gates, buffer_length, conv,
+        current_weights=None, current_momentum=None,
+    ):  # fmt: skip
         self.weights, self.momentum = tuple(weights), tuple(momentum)
         self.buffer_k, self.buffer_v, self.buffer_gates = buffer_k, buffer_v, buffer_gates
         self.buffer_length, self.conv = buffer_length, conv
+        self.current_weights = tuple(current_weights) if current_weights else None
+        self.current_momentum = tuple(current_momentum) if current_momentum else None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -413,11 +423,12 @@ class TitansMemoryState:
         return out
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TitansMemoryState":
-        self.weights = tuple(fn(t) for t in self.weights)
-        self.momentum = tuple(fn(t) for t in self.momentum)
-        for name in ("buffer_k", "buffer_v", "buffer_gates", "buffer_length", "conv"):
-            if getattr(self, name) is not None:
-                setattr(self, name, fn(getattr(self, name)))
+        for name in self._FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                setattr(self, name, tuple(fn(t) for t in value))
+            elif value is not None:
+                setattr(self, name, fn(value))
         return self
 
 
@@ -480,6 +491,8 @@ class TitansNeuralMemory(nn.Module):
         if conv_state is None:
             conv_state = x.new_zeros(x.shape[0], k - 1, x.shape[-1])
         padded = torch.cat([conv_state.to(x.dtype), x], dim=1)
+        if x.shape[1] == 1:  # decoding: a dot product per channel is much cheaper than a conv1d call
+            return (padded * self.conv_weight.to(x.dtype).T).sum(1, keepdim=True), padded
         out = F.conv1d(padded.transpose(1, 2), self.conv_weight.unsqueeze(1).to(x.dtype), groups=x.shape[-1])
         return out.transpose(1, 2), padded
 
@@ -526,6 +539,76 @@ class TitansNeuralMemory(nn.Module):
         q = F.normalize(self._split_heads(F.silu(self.q_proj(x))), dim=-1)
         return self._output(memory_apply(weights, q, self.activation), x)
 
+    def _qkv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
+        """q, k, v = SiLU(ShortConv(x W)), q/k (and v, D5) ℓ2-normalised per head (§4.4): (B, H, T, d) each."""
+        projected = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        conv_out, conv_in = self._short_conv(projected, conv_state)
+        q, k, v = F.silu(conv_out).chunk(3, dim=-1)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.config.memory_value_norm:  # bounded regression targets keep long streams finite (model card D5)
+            v = F.normalize(v, dim=-1)
+        return q, k, v, conv_in
+
+    def _initial_weights(self) -> tuple[torch.Tensor, ...]:
+        return tuple(w.to(self.state_dtype).unsqueeze(0) for w in self.memory_weights)
+
+    def _current(self, state: TitansMemoryState):
+        """M_t, S_t after the buffered tokens, by the chunk form over the open chunk. Slots past a row's end must not
+        move what is read: with θ = 0, α = 0 and η = 0 they keep M (S is zeroed), with η = 1 they keep S (M would
+        drift by S at each slot), so the two are read from two passes."""
+        if state.current_weights is not None:
+            return state.current_weights, state.current_momentum
+        b = self.chunk_size
+        beyond = torch.arange(b, device=state.buffer_k.device)[None, None, :] >= state.buffer_length[:, None, None]
+        lr, log_eta, log_keep = state.buffer_gates.masked_fill(beyond[..., None], 0.0).unbind(-1)
+        run = lambda log_eta: memory_scan(  # noqa: E731
+            state.weights, state.momentum, torch.zeros_like(state.buffer_k), state.buffer_k, state.buffer_v,
+            lr, log_eta, log_keep, b, self.activation, initial=self._initial_weights(),
+        )  # fmt: skip
+        weights = run(log_eta.masked_fill(beyond, -1e4))[1]
+        momentum = run(log_eta)[2]
+        return weights, momentum
+
+    def _decode_step(self, x: torch.Tensor, state: TitansMemoryState):
+        """One new token per row (generation), O(|M|) instead of re-running the open chunk: the token recurrence
+        S_t = η_t S_{t-1} - θ_t u_t (Eq. 14), M_t = (1-α_t) M_{t-1} + α_t M_init + S_t (Eq. 13, D7), with u_t taken at
+        the chunk-start weights (Eq. 16), exactly as the chunk form does. The chunk closes when the buffer is full."""
+        q, k, v, conv_in = self._qkv(x, state.conv)
+        gates = self._gates(x)  # (B, H, 1, 3)
+        lr, eta, keep = gates[..., 0, None], gates[..., 1, None].exp(), gates[..., 2, None].exp()  # (B, H, 1, 1)
+        current_w, current_s = self._current(state)
+        inputs, deltas = memory_gradient_factors(state.weights, k, v, self.activation)
+        new_s, new_w = [], []
+        for layer, init in enumerate(self._initial_weights()):
+            surprise = deltas[layer].transpose(-1, -2) @ inputs[layer]  # u_t = δ_t a_tᵀ
+            new_s.append(eta * current_s[layer] - lr * surprise)
+            new_w.append(keep * current_w[layer] + (1 - keep) * init + new_s[-1])
+        out = self._output(memory_apply(new_w, q, self.activation), x)
+
+        slot = state.buffer_length.view(-1, 1, 1, 1)
+        put = lambda buffer, t: buffer.scatter(2, slot.expand(*t.shape[:2], 1, t.shape[-1]), t)  # noqa: E731
+        length = state.buffer_length + 1
+        closed = length == self.chunk_size  # the chunk is complete: its end is a boundary
+        if bool(closed.all()):
+            weights, momentum = new_w, new_s
+        elif bool(closed.any()):
+            weights = _select(closed.long(), 1, new_w, state.weights)
+            momentum = _select(closed.long(), 1, new_s, state.momentum)
+        else:
+            weights, momentum = state.weights, state.momentum
+        return out, TitansMemoryState(
+            weights=weights,
+            momentum=momentum,
+            buffer_k=put(state.buffer_k, k),
+            buffer_v=put(state.buffer_v, v),
+            buffer_gates=put(state.buffer_gates, gates),
+            buffer_length=length.masked_fill(length == self.chunk_size, 0),
+            conv=conv_in[:, 1:] if conv_in is not None else state.conv,
+            current_weights=new_w,
+            current_momentum=new_s,
+        )
+
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -542,6 +625,8 @@ class TitansNeuralMemory(nn.Module):
         """
         bsz, seq_len, _ = x.shape
         b = self.chunk_size
+        if state is not None and seq_len == 1 and (valid is None or bool(valid.all())):
+            return self._decode_step(x, state)
         fast = valid is None and state is None and not return_state
         if fast:
             xc, perm, count = x, None, None
@@ -554,13 +639,7 @@ class TitansNeuralMemory(nn.Module):
             if state is None:
                 state = self.initial_state(bsz, x.device, x.dtype)
 
-        projected = torch.cat([self.q_proj(xc), self.k_proj(xc), self.v_proj(xc)], dim=-1)
-        conv_out, conv_in = self._short_conv(projected, None if fast else state.conv)
-        q, k, v = F.silu(conv_out).chunk(3, dim=-1)
-        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # §4.4
-        if self.config.memory_value_norm:  # bounded regression targets keep long streams finite (model card D5)
-            v = F.normalize(v, dim=-1)
+        q, k, v, conv_in = self._qkv(xc, None if fast else state.conv)
         gates = self._gates(xc)  # (B, H, T, 3)
 
         if fast:
@@ -595,7 +674,7 @@ class TitansNeuralMemory(nn.Module):
         if not fast:  # neutralise everything past each row's real tokens
             beyond = torch.arange(padded, device=x.device)[None, None, :, None] >= total[:, None, None, None]
             gates = gates.masked_fill(beyond, 0.0)
-        initial = tuple(w.to(self.state_dtype).unsqueeze(0) for w in self.memory_weights)
+        initial = self._initial_weights()
         out, new_w, new_s = memory_scan(
             weights, momentum, q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], b, self.activation, select, initial
         )
@@ -917,6 +996,8 @@ class TitansLayerCache(CacheLayerMixin):
                 buffer_gates=memory["buffer_gates"],
                 buffer_length=memory["buffer_length"],
                 conv=memory.get("conv"),
+                current_weights=stacked("current_weights"),
+                current_momentum=stacked("current_momentum"),
             )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

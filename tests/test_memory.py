@@ -180,3 +180,23 @@ def test_recomputing_backward_equals_autograd(select):
 
     for fast, slow in zip(run(True), run(False)):
         torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("ablation", [{}, {"memory_use_momentum": False}, {"memory_use_forgetting": False}])
+@pytest.mark.parametrize("prefix", [1, 3, 4, 6])
+def test_one_token_steps_equal_the_chunk_form(prefix, ablation):
+    """Decoding steps use the token recurrence (O(|M|) per token) from the state the chunk form left; the outputs of a
+    whole stream must not depend on it. Row 1 has 2 left-padding tokens, so the rows sit at different chunk phases."""
+    memory = randomize(TitansNeuralMemory(tiny_config("mag", **ablation), layer_idx=0).double(), scale=0.3)
+    x = torch.randn(2, 20, memory.config.hidden_size, dtype=torch.float64)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, :2] = False
+    full, _ = memory(x, valid)
+    out, state = memory(x[:, :prefix], valid[:, :prefix], return_state=True)
+    outputs = [out]
+    for t in range(prefix, 20):
+        out, state = memory(x[:, t : t + 1], valid[:, t : t + 1], state=state, return_state=True)
+        outputs.append(out)
+    assert state.current_weights is not None  # the recurrence was used
+    stream = torch.cat(outputs, 1)
+    torch.testing.assert_close(stream[valid], full[valid], atol=1e-12, rtol=0)
