@@ -292,7 +292,12 @@ def _chunks(sequence, chunk_size):
 
 def _select(select_chunk, c, new, old):
     """Rows whose state is the one after `c` chunks take `new`."""
-    take = (select_chunk == c).view(-1, *([1] * (new[0].dim() - 1)))
+    take = select_chunk == c
+    if bool(take.all()):
+        return tuple(new)
+    if not bool(take.any()):
+        return tuple(old)
+    take = take.view(-1, *([1] * (new[0].dim() - 1)))
     return tuple(torch.where(take, n, o) for n, o in zip(new, old))
 
 
@@ -651,17 +656,19 @@ class TitansNeuralMemory(nn.Module):
             buffer_len = state.buffer_length
             if bool((buffer_len == buffer_len[0]).all()):  # same phase in every row: plain concatenation
                 n = int(buffer_len[0])
-                join = lambda old, new: torch.cat([old[:, :, :n], new], dim=2)  # noqa: E731
+                def join(old, new):
+                    return new if n == 0 else torch.cat([old[:, :, :n], new], dim=2)
             else:
                 slots = torch.arange(b + seq_len, device=x.device)
                 source = torch.where(slots[None] < buffer_len[:, None], slots[None], slots[None] + b - buffer_len[:, None])
                 source = source.clamp(max=b + seq_len - 1)
                 join = lambda old, new: _gather_time(torch.cat([old, new], dim=2).transpose(1, 2), source).transpose(1, 2)  # noqa: E731
-            q = join(torch.zeros_like(state.buffer_k), q)
+            q = join(state.buffer_k.new_zeros(()).expand_as(state.buffer_k), q)
             k, v, gates = join(state.buffer_k, k), join(state.buffer_v, v), join(state.buffer_gates, gates)
             total = buffer_len + count
             weights, momentum, offset = state.weights, state.momentum, buffer_len
             select = total // b
+            aligned = bool((total == total[0]).all()) and int(total[0]) % b == 0  # every row ends on a boundary
 
         # pad to whole chunks with neutral tokens (θ = 0, η = 1, α = 0): they never precede a real token
         length = q.shape[2] if total is None else max(int(total.max()), 1)
@@ -671,20 +678,24 @@ class TitansNeuralMemory(nn.Module):
             pad = padded - length
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
             gates = F.pad(gates, (0, 0, 0, pad))
-        if not fast:  # neutralise everything past each row's real tokens
+        if not fast and not (aligned and padded == int(total[0])):  # neutralise everything past each row's real tokens
             beyond = torch.arange(padded, device=x.device)[None, None, :, None] >= total[:, None, None, None]
             gates = gates.masked_fill(beyond, 0.0)
         initial = self._initial_weights()
         out, new_w, new_s = memory_scan(
-            weights, momentum, q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], b, self.activation, select, initial
-        )
+            weights, momentum, q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], b, self.activation,
+            None if fast or (aligned and padded == int(total[0])) else select, initial,
+        )  # fmt: skip
 
         if fast:
             return self._output(out[:, :, :seq_len], x), None
 
         # outputs of the new tokens back to their original slots
-        index = (offset[:, None] + torch.arange(seq_len, device=x.device)[None]).clamp(max=padded - 1)
-        out = _gather_time(out.transpose(1, 2), index)  # (B, T, H, d), compacted order
+        if padded >= seq_len and bool((offset == 0).all()):
+            out = out[:, :, :seq_len].transpose(1, 2)  # (B, T, H, d), compacted order
+        else:
+            index = (offset[:, None] + torch.arange(seq_len, device=x.device)[None]).clamp(max=padded - 1)
+            out = _gather_time(out.transpose(1, 2), index)
         if perm is not None:
             out = _gather_time(out, torch.argsort(perm, dim=1))
         out = out.transpose(1, 2)
@@ -1184,8 +1195,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             y, _ = self.self_attn(xs, (cos[:, sl], sin[:, sl]), positions[:, sl], scratch, context=context)
             memory_out, state = self.memory(y, valid[:, sl], state, return_state=True)
             outputs.append(self._gate(y, memory_out))
-            done = closes[:, sl].any(1).view(-1, *([1] * (state.weights[0].dim() - 1)))
-            segment_weights = tuple(torch.where(done, w, s) for w, s in zip(state.weights, segment_weights))
+            segment_weights = _select(closes[:, sl].any(1), True, state.weights, segment_weights)
             start = end
         if layer_cache is not None:
             layer_cache.memory, layer_cache.segment_weights = state, segment_weights
