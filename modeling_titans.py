@@ -341,9 +341,8 @@ class _MemoryScanFunction(torch.autograd.Function):
         initial = tuple(t.detach() for t in tensors[2 * depth : -_SEQUENCE_INPUTS])
         sequence = tensors[-_SEQUENCE_INPUTS:]
         grad_sel_w, grad_sel_s = grad_state[:depth], grad_state[depth:]
-        grad_sequence = [torch.zeros_like(t) for t in sequence]
+        grad_pieces = []  # per chunk, last chunk first; concatenated at the end (no in-place writes: compile-safe)
         grad_initial = [torch.zeros_like(t) for t in initial]
-        pieces = _chunks(grad_sequence, chunk_size)  # views: writing a piece fills the full gradient
         inputs = _chunks(sequence, chunk_size)
         zero = lambda ts: tuple(torch.zeros_like(t) for t in ts)  # noqa: E731
         if select_chunk is None:
@@ -369,14 +368,16 @@ class _MemoryScanFunction(torch.autograd.Function):
                 )
             grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
             grad_w, grad_s = tuple(grads[:depth]), tuple(grads[depth : 2 * depth])
-            for acc, g in zip(grad_initial, grads[2 * depth : -_SEQUENCE_INPUTS]):
-                acc += g
-            for piece, g in zip(pieces[c], grads[-_SEQUENCE_INPUTS:]):
-                piece.copy_(g)
+            grad_initial = [acc + g for acc, g in zip(grad_initial, grads[2 * depth : -_SEQUENCE_INPUTS])]
+            grad_pieces.append(grads[-_SEQUENCE_INPUTS:])
         if select_chunk is not None:  # rows that closed no chunk return their input state
             grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, 0, grad_sel_w, zero(grad_w))))
             grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, 0, grad_sel_s, zero(grad_s))))
         ctx.boundaries = None
+        grad_sequence = [
+            torch.cat(pieces[::-1], dim=-2 if i < 4 else -1)  # q, k, v, g split along time rows; the rest per token
+            for i, pieces in enumerate(zip(*grad_pieces))
+        ]
         return (None, None, None, None, *grad_w, *grad_s, *grad_initial, *grad_sequence)
 
 
@@ -773,8 +774,8 @@ def titans_attention_mask(q_pos, kv_pos, num_cached, num_persistent, window=None
     if lookback is not None:
         allowed &= q - kv < lookback
     q_len = q_pos.shape[1]
-    own = torch.zeros(q_len, kv_pos.shape[1], dtype=torch.bool, device=q_pos.device)
-    own[:, num_cached:].fill_diagonal_(True)
+    slots = torch.arange(kv_pos.shape[1], device=q_pos.device)
+    own = slots[None, :] == torch.arange(q_len, device=q_pos.device)[:, None] + num_cached  # query i <-> its own slot
     allowed |= own[None] & (q < 0)
     prefix = allowed.new_ones(*allowed.shape[:2], num_persistent)
     return torch.cat([prefix, allowed], dim=-1)[:, None]
