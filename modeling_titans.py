@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -265,7 +266,11 @@ def memory_scan(
     one chunk at a time there: the per-token activations of all chunks are never alive at once.
     """
     initial = tuple(initial) if initial is not None else ()
-    coefficients = memory_chunk_coefficients(lr, log_eta, log_keep, chunk_size)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (lr, log_eta, log_keep)):
+        # b×b coefficients of every chunk: cheap to recompute in the backward, large to store
+        coefficients = checkpoint(memory_chunk_coefficients, lr, log_eta, log_keep, chunk_size, use_reentrant=False)
+    else:
+        coefficients = memory_chunk_coefficients(lr, log_eta, log_keep, chunk_size)
     tensors = (*weights, *momentum, *initial, q, k, v, *coefficients)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         out, *state = _MemoryScanFunction.apply(chunk_size, activation, len(weights), select_chunk, *tensors)
@@ -548,6 +553,11 @@ class TitansNeuralMemory(nn.Module):
     def _qkv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
         """q, k, v = SiLU(ShortConv(x W)), q/k (and v, D5) ℓ2-normalised per head (§4.4): (B, H, T, d) each."""
         projected = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        if torch.is_grad_enabled() and projected.requires_grad:  # elementwise work: recompute rather than store
+            return checkpoint(self._qkv_from_projection, projected, conv_state, use_reentrant=False)
+        return self._qkv_from_projection(projected, conv_state)
+
+    def _qkv_from_projection(self, projected: torch.Tensor, conv_state: torch.Tensor | None):
         conv_out, conv_in = self._short_conv(projected, conv_state)
         q, k, v = F.silu(conv_out).chunk(3, dim=-1)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
