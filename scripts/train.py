@@ -288,11 +288,20 @@ class RankLogCallback(TrainerCallback):
         self.logs.append(dict(logs or {}, step=state.global_step))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
+        from torch.distributed.tensor import DTensor
+
+        params = list(model.parameters())
+        # FSDP2 shards parameters as DTensors: the checksum is over the full tensors, and each rank says how many of
+        # the parameter's elements it holds itself
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        checksum = sum(float((p.full_tensor() if isinstance(p, DTensor) else p).detach().double().sum()) for p in params)
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
         os.makedirs(self.directory, exist_ok=True)
         with open(os.path.join(self.directory, f"rank{args.process_index}.json"), "w") as f:
             json.dump({"rank": args.process_index, "world_size": args.world_size, "global_step": state.global_step,
-                       "param_checksum": checksum, "logs": self.logs}, f, indent=1)
+                       "param_checksum": checksum, "sharded_parameters": len(sharded), "parameters": len(params),
+                       "local_elements": local, "total_elements": sum(p.numel() for p in params), "logs": self.logs},
+                      f, indent=1)
 
 
 # Runs in a fresh interpreter whose cwd is elsewhere: only the saved folder (config.json auto_map + the copied
@@ -452,6 +461,10 @@ def main(argv=None):
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if training_args.fsdp and not trainer.is_fsdp_enabled:
+        # accelerate turns FSDP on for accelerator processes only; on CPU the run is plain data parallel
+        logger.warning("--fsdp was given but FSDP is not active on this device (%s): training runs as DDP, unsharded.",
+                       training_args.device)
 
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # save_pretrained: weights, config.json with auto_map, the two .py files, tokenizer

@@ -219,6 +219,7 @@ def test_train_script_ddp_two_processes(tmp_path, corpus):
     evals = [[h["eval_loss"] for h in log["logs"] if "eval_loss" in h] for log in logs]
     assert evals[0] == evals[1] and evals[0]
     assert logs[0]["param_checksum"] == logs[1]["param_checksum"]
+    assert all(log["sharded_parameters"] == 0 and log["local_elements"] == log["total_elements"] for log in logs)
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
 
 
