@@ -597,9 +597,9 @@ class TitansNeuralMemory(nn.Module):
         inputs, deltas = memory_gradient_factors(state.weights, k, v, self.activation)
         new_s, new_w = [], []
         for layer, init in enumerate(self._initial_weights()):
-            surprise = deltas[layer].transpose(-1, -2) @ inputs[layer]  # u_t = δ_t a_tᵀ
-            new_s.append(eta * current_s[layer] - lr * surprise)
-            new_w.append(keep * current_w[layer] + (1 - keep) * init + new_s[-1])
+            step = (deltas[layer] * lr).transpose(-1, -2) @ inputs[layer]  # θ_t u_t, u_t = δ_t a_tᵀ
+            new_s.append(eta * current_s[layer] - step)
+            new_w.append(torch.lerp(init, current_w[layer], keep) + new_s[-1])  # (1-α_t) M + α_t M_init + S_t
         out = self._output(memory_apply(new_w, q, self.activation), x)
 
         slot = state.buffer_length.view(-1, 1, 1, 1)
@@ -866,6 +866,9 @@ class TitansAttention(nn.Module):
         elif q_len > 2 * self.window and self.config._attn_implementation != "flex_attention":  # flex: block mask
             query, all_key, all_value, mask = self._window_blocks(query, key, value, positions, kv_pos, num_cached, n_p)
             blocked = True
+        elif q_len == 1 and self.config._attn_implementation in ("sdpa", "eager") and bool((kv_pos >= 0).all()):
+            # one-token decoding: the cache holds only the window-1 previous real tokens, so every key is visible
+            mask, all_key, all_value = None, key, value
         else:
             mask = titans_attention_mask(positions, kv_pos, num_cached, n_p, window=self.window)
             all_key, all_value = key, value
@@ -894,16 +897,18 @@ class TitansAttention(nn.Module):
             )
         # the backend's own mask format (bool for sdpa, additive for eager, BlockMask for flex) from masking_utils,
         # with the position-based pattern above as the mask function
-        dense = mask[:, 0]
-        mask_kwargs = dict(
-            batch_size=dense.shape[0], q_length=dense.shape[1], kv_length=dense.shape[2],
-            mask_function=lambda b, h, q, kv: dense[b, q, kv], device=query.device,
-        )  # fmt: skip
-        if impl == "sdpa":
-            mask_kwargs["allow_is_causal_skip"] = False  # never let SDPA fall back to is_causal (it would crop K/V)
-        elif impl == "eager":
-            mask_kwargs["dtype"] = query.dtype
-        mask = ALL_MASK_ATTENTION_FUNCTIONS[impl](**mask_kwargs) if impl in ALL_MASK_ATTENTION_FUNCTIONS else mask
+        if mask is not None:
+            dense = mask[:, 0]
+            mask_kwargs = dict(
+                batch_size=dense.shape[0], q_length=dense.shape[1], kv_length=dense.shape[2],
+                mask_function=lambda b, h, q, kv: dense[b, q, kv], device=query.device,
+            )  # fmt: skip
+            if impl == "sdpa":
+                mask_kwargs["allow_is_causal_skip"] = False  # never let SDPA fall back to is_causal (it crops K/V)
+            elif impl == "eager":
+                mask_kwargs["dtype"] = query.dtype
+            if impl in ALL_MASK_ATTENTION_FUNCTIONS:
+                mask = ALL_MASK_ATTENTION_FUNCTIONS[impl](**mask_kwargs)
         attn_output, attn_weights = attention_interface(
             self,
             query,
