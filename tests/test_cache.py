@@ -32,6 +32,23 @@ def test_prefill_then_decode_matches_full_forward(variant, prompt_len):
             out = step
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_one_token_steps_of_a_left_padded_batch(impl):
+    """Decoding steps skip the attention mask once every cached key is a real token; while left padding is still
+    inside the window they must keep it. Row 0 has 6 padding slots (window 8), row 1 none."""
+    model = tiny_model("mag", attn_implementation=impl)
+    ids = torch.randint(2, 64, (2, 30), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        out = model(ids[:, :7], attention_mask=mask[:, :7], past_key_values=TitansCache(model.config), use_cache=True)
+        for t in range(7, 30):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values,
+                        use_cache=True)
+            assert (out.logits[:, -1] - full[:, t]).abs().max() <= 1e-4, t
+
+
 @pytest.mark.parametrize("prompt_len", [1, WINDOW, 4 * WINDOW + 3])
 def test_greedy_generate_with_and_without_cache(variant, prompt_len):
     model = tiny_model(variant)
