@@ -1207,7 +1207,10 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         for end in cuts:
             sl = slice(start, end)
             xs = x[:, sl]
-            context = self.memory.retrieve(xs, segment_weights)
+            if torch.is_grad_enabled():  # the read-out is cheap to redo in the backward and large to keep per segment
+                context = checkpoint(self.memory.retrieve, xs, segment_weights, use_reentrant=False)
+            else:
+                context = self.memory.retrieve(xs, segment_weights)
             y, _ = self.self_attn(xs, (cos[:, sl], sin[:, sl]), positions[:, sl], scratch, context=context)
             memory_out, state = self.memory(y, valid[:, sl], state, return_state=True)
             outputs.append(self._gate(y, memory_out))
