@@ -897,7 +897,7 @@ class TitansAttention(nn.Module):
             )
         # the backend's own mask format (bool for sdpa, additive for eager, BlockMask for flex) from masking_utils,
         # with the position-based pattern above as the mask function
-        if mask is not None:
+        if mask is not None and not (q_len == 1 and impl in ("sdpa", "eager")):  # one query: the bool mask as is
             dense = mask[:, 0]
             mask_kwargs = dict(
                 batch_size=dense.shape[0], q_length=dense.shape[1], kv_length=dense.shape[2],
