@@ -606,16 +606,9 @@ class TitansNeuralMemory(nn.Module):
         put = lambda buffer, t: buffer.scatter(2, slot.expand(*t.shape[:2], 1, t.shape[-1]), t)  # noqa: E731
         length = state.buffer_length + 1
         closed = length == self.chunk_size  # the chunk is complete: its end is a boundary
-        if bool(closed.all()):
-            weights, momentum = new_w, new_s
-        elif bool(closed.any()):
-            weights = _select(closed.long(), 1, new_w, state.weights)
-            momentum = _select(closed.long(), 1, new_s, state.momentum)
-        else:
-            weights, momentum = state.weights, state.momentum
         return out, TitansMemoryState(
-            weights=weights,
-            momentum=momentum,
+            weights=_select(closed, True, new_w, state.weights),
+            momentum=_select(closed, True, new_s, state.momentum),
             buffer_k=put(state.buffer_k, k),
             buffer_v=put(state.buffer_v, v),
             buffer_gates=put(state.buffer_gates, gates),
@@ -679,7 +672,6 @@ class TitansNeuralMemory(nn.Module):
             total = buffer_len + count
             weights, momentum, offset = state.weights, state.momentum, buffer_len
             select = total // b
-            aligned = bool((total == total[0]).all()) and int(total[0]) % b == 0  # every row ends on a boundary
 
         # pad to whole chunks with neutral tokens (θ = 0, η = 1, α = 0): they never precede a real token
         length = q.shape[2] if total is None else max(int(total.max()), 1)
@@ -689,13 +681,15 @@ class TitansNeuralMemory(nn.Module):
             pad = padded - length
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
             gates = F.pad(gates, (0, 0, 0, pad))
-        if not fast and not (aligned and padded == int(total[0])):  # neutralise everything past each row's real tokens
+        # every row ends where the padded sequence does (e.g. MAC segments in training): nothing to mask or select
+        whole_chunks = not fast and bool((total == padded).all())
+        if not fast and not whole_chunks:  # neutralise everything past each row's real tokens
             beyond = torch.arange(padded, device=x.device)[None, None, :, None] >= total[:, None, None, None]
             gates = gates.masked_fill(beyond, 0.0)
         initial = self._initial_weights()
         out, new_w, new_s = memory_scan(
             weights, momentum, q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], b, self.activation,
-            None if fast or (aligned and padded == int(total[0])) else select, initial,
+            None if fast or whole_chunks else select, initial,
         )  # fmt: skip
 
         if fast:

@@ -1048,7 +1048,7 @@ def main(argv=None) -> int:
     data = {
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT) else sys.executable,
                                                        os.path.relpath(os.path.abspath(__file__), ROOT), *(argv if argv is not None else sys.argv[1:])]),  # fmt: skip
-        "cwd": os.getcwd(),
+        "cwd": os.path.relpath(os.getcwd(), ROOT),  # relative to the repository: results stay portable
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "meta": machine_info(args),
         "note": args.note,
