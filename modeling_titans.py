@@ -103,13 +103,30 @@ class TitansMLP(nn.Module):
 # Neural long-term memory: pure functions over one state (chunk-parallel form; decoding reuses it on the buffer).
 # ----------------------------------------------------------------------------------------------------------------
 
+def _silu_grad(z):
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _silu_grad2(z):
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+def _tanh_grad2(z):
+    t = torch.tanh(z)
+    return -2 * t * (1 - t * t)
+
+
+# activation σ, σ' (deltas of Eq. 12) and σ'' (the backward of the deltas, `memory_chunk_update_backward`)
 _MEMORY_ACTIVATIONS = {
-    "silu": (F.silu, lambda z: torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z)))),
+    "silu": (F.silu, _silu_grad, _silu_grad2),
     "gelu": (
         lambda z: F.gelu(z),
         lambda z: 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327,
+        lambda z: torch.exp(-0.5 * z * z) * 0.3989422804014327 * (2 - z * z),
     ),
-    "tanh": (torch.tanh, lambda z: 1 - torch.tanh(z) ** 2),
+    "tanh": (torch.tanh, lambda z: 1 - torch.tanh(z) ** 2, _tanh_grad2),
 }
 
 
@@ -119,7 +136,7 @@ def memory_apply(weights: tuple[torch.Tensor, ...], x: torch.Tensor, activation:
     `weights[l]` has shape (B, H, d_out, d_in); x is (B, H, T, d). Deep memories (L_M >= 2) carry a residual
     connection, M(x) = x + W_L σ(... σ(W_1 x)), as in the authors' follow-up work (model card, decision D3).
     """
-    act, _ = _MEMORY_ACTIVATIONS[activation]
+    act = _MEMORY_ACTIVATIONS[activation][0]
     a = x
     for layer, weight in enumerate(weights):
         a = a @ weight.transpose(-1, -2)
@@ -139,7 +156,14 @@ def memory_gradient_factors(weights: tuple[torch.Tensor, ...], k: torch.Tensor, 
     Forward at the given weights on the keys, then the analytic backward: the gradient of token j w.r.t. layer l is
     the outer product deltas[l][j] ⊗ inputs[l][j]. Autograd-free, so it also runs inside `generate()` (no_grad).
     """
-    act, act_grad = _MEMORY_ACTIVATIONS[activation]
+    inputs, deltas, *_ = _gradient_factors(weights, k, v, activation)
+    return inputs, deltas
+
+
+def _gradient_factors(weights, k, v, activation):
+    """`memory_gradient_factors`, also returning what its own backward needs: the pre-activations z_l = a_l W_lᵀ, the
+    back-propagated δ_{l+1} W_{l+1} and the slopes σ'(z_l) (l < L - 1) whose product is δ_l."""
+    act, act_grad, _ = _MEMORY_ACTIVATIONS[activation]
     depth = len(weights)
     inputs, pre_acts = [], []
     a = k
@@ -150,12 +174,13 @@ def memory_gradient_factors(weights: tuple[torch.Tensor, ...], k: torch.Tensor, 
         a = act(z) if layer < depth - 1 else z
     prediction = a + k if depth > 1 else a
     delta = 2.0 * (prediction - v)
-    deltas = [None] * depth
+    deltas, carried, slopes = [None] * depth, [None] * (depth - 1), [None] * (depth - 1)
     for layer in reversed(range(depth)):
         deltas[layer] = delta
         if layer > 0:
-            delta = (delta @ weights[layer]) * act_grad(pre_acts[layer - 1])
-    return inputs, deltas
+            carried[layer - 1], slopes[layer - 1] = delta @ weights[layer], act_grad(pre_acts[layer - 1])
+            delta = carried[layer - 1] * slopes[layer - 1]
+    return inputs, deltas, pre_acts, carried, slopes
 
 
 def _exp_nonpositive(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,7 +251,7 @@ def memory_chunk_update(
     so no per-token weight copy is ever made. Shapes: q, k, v (B, H, b, d).
     Returns (outputs (B, H, b, d), weights at the chunk end, momentum at the chunk end).
     """
-    act, _ = _MEMORY_ACTIVATIONS[activation]
+    act = _MEMORY_ACTIVATIONS[activation][0]
     depth = len(weights)
     inputs, deltas = memory_gradient_factors(weights, k, v, activation)
 
@@ -251,6 +276,129 @@ def memory_chunk_update(
         new_weights.append(new if initial is None else new + (1 - beta_last) * initial[layer])
         new_momentum.append(m_last * momentum[layer] - (deltas[layer] * n_last).transpose(-1, -2) @ inputs[layer])
     return outputs, tuple(new_weights), tuple(new_momentum)
+
+
+def memory_chunk_update_backward(
+    weights: tuple[torch.Tensor, ...],
+    momentum: tuple[torch.Tensor, ...],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    n_last: torch.Tensor,
+    beta: torch.Tensor,
+    f: torch.Tensor,
+    m: torch.Tensor,
+    activation: str,
+    initial: tuple[torch.Tensor, ...] | None,
+    grad_out: torch.Tensor,
+    grad_weights: tuple[torch.Tensor, ...],
+    grad_momentum: tuple[torch.Tensor, ...],
+):
+    """Backward of `memory_chunk_update` by hand: no autograd graph per chunk, only the chunk's own intermediates.
+
+    Recomputes the forward on the keys (`memory_gradient_factors`) and the dual-form retrieval, then goes back through
+    the chunk-end states, the retrieval and the deltas (which need σ''). Given the gradients of the outputs and of the
+    chunk-end weights and momentum, returns those of (weights, momentum, initial or None, q, k, v, g, n_last, β, f, m),
+    each of its input's shape (`initial`, batch 1, summed over the batch).
+    """
+    act, act_grad, act_grad2 = _MEMORY_ACTIVATIONS[activation]
+    depth, b = len(weights), q.shape[-2]
+    t = lambda x: x.transpose(-1, -2)  # noqa: E731
+    inputs, deltas, pre_acts, carried, slopes = _gradient_factors(weights, k, v, activation)
+    beta_, f_ = beta[..., None], f[..., None]
+
+    # chunk-end states: W' = β_b W + f_b S - (δ ∘ g_b)ᵀ a + (1 - β_b) M_init,  S' = m_b S - (δ ∘ n)ᵀ a
+    g_last, n_col = g[..., -1, :, None], n_last[..., :, None]
+    beta_last, f_last, m_last = beta[..., -1, None, None], f[..., -1, None, None], m[..., -1, None, None]
+    grad_w, grad_s, grad_init, grad_a, grad_delta, kept = [], [], [], [], [], []
+    grad_beta_last = grad_f_last = grad_m_last = grad_g_last = grad_n_last = 0.0
+    for layer in range(depth):
+        dw, ds = grad_weights[layer], grad_momentum[layer]
+        grad_w.append(beta_last * dw)
+        grad_s.append(f_last * dw + m_last * ds)
+        kept.append(weights[layer] if initial is None else weights[layer] - initial[layer])  # what β scales
+        grad_beta_last = grad_beta_last + (dw * kept[layer]).sum((-1, -2))
+        grad_f_last = grad_f_last + (dw * momentum[layer]).sum((-1, -2))
+        grad_m_last = grad_m_last + (ds * momentum[layer]).sum((-1, -2))
+        if initial is not None:
+            grad_init.append((1 - beta_last) * dw)
+        a_dw, a_ds = inputs[layer] @ t(dw), inputs[layer] @ t(ds)  # (B, H, b, d_out)
+        grad_delta.append(-g_last * a_dw - n_col * a_ds)
+        grad_g_last = grad_g_last - (deltas[layer] * a_dw).sum(-1)
+        grad_n_last = grad_n_last - (deltas[layer] * a_ds).sum(-1)
+        grad_a.append((deltas[layer] * -g_last) @ dw - (deltas[layer] * n_col) @ ds)
+
+    # retrieval z_l = β h W_lᵀ + f h S_lᵀ + (1 - β) h M_initᵀ - (g ∘ h a_lᵀ) δ_l: recompute h_l, h a_lᵀ and, below
+    # the last layer (whose output is not needed), σ'(z_l)
+    hs, scores, retrieval_slopes = [q], [], []
+    for layer in range(depth):
+        h = hs[layer]
+        scores.append(h @ t(inputs[layer]))
+        if layer == depth - 1:
+            break
+        z = beta_ * (h @ t(kept[layer])) + f_ * (h @ t(momentum[layer])) - (g * scores[layer]) @ deltas[layer]
+        if initial is not None:  # β W + (1 - β) M_init = β (W - M_init) + M_init
+            z = z + h @ t(initial[layer])
+        hs.append(act(z))
+        retrieval_slopes.append(act_grad(z))
+    # ... and back through it, from the output (with the residual of deep memories) to q
+    grad_q = grad_out if depth > 1 else 0.0
+    grad_beta = grad_f = grad_g = 0.0
+    grad_h = grad_out
+    for layer in reversed(range(depth)):
+        h = hs[layer]
+        dz = grad_h if layer == depth - 1 else grad_h * retrieval_slopes[layer]
+        back_kept, back_s = dz @ kept[layer], dz @ momentum[layer]
+        grad_h = beta_ * back_kept + f_ * back_s
+        grad_beta = grad_beta + (h * back_kept).sum(-1)
+        grad_f = grad_f + (h * back_s).sum(-1)
+        grad_w[layer] = grad_w[layer] + t(beta_ * dz) @ h
+        grad_s[layer] = grad_s[layer] + t(f_ * dz) @ h
+        if initial is not None:
+            grad_h = grad_h + dz @ initial[layer]
+            grad_init[layer] = grad_init[layer] + t((1 - beta_) * dz) @ h
+        grad_score = -(dz @ t(deltas[layer]))
+        grad_delta[layer] = grad_delta[layer] - t(g * scores[layer]) @ dz
+        grad_g = grad_g + scores[layer] * grad_score
+        grad_score = g * grad_score
+        grad_h = grad_h + grad_score @ inputs[layer]
+        grad_a[layer] = grad_a[layer] + t(grad_score) @ h
+    grad_q = grad_q + grad_h
+
+    # deltas δ_{l-1} = (δ_l W_l) ∘ σ'(z_{l-1}) (memory_gradient_factors), from δ_0 up; δ_{L-1} = 2 (M(k) - v)
+    grad_pre = [0.0] * depth
+    for layer in range(1, depth):
+        grad_carried = grad_delta[layer - 1] * slopes[layer - 1]
+        grad_pre[layer - 1] = grad_delta[layer - 1] * carried[layer - 1] * act_grad2(pre_acts[layer - 1])
+        grad_delta[layer] = grad_delta[layer] + grad_carried @ t(weights[layer])
+        grad_w[layer] = grad_w[layer] + t(deltas[layer]) @ grad_carried
+    grad_prediction = 2.0 * grad_delta[-1]
+    grad_v = -grad_prediction
+    # forward on the keys a_{l+1} = σ(a_l W_lᵀ), M(k) = a_L (+ k for deep memories)
+    grad_k = grad_prediction if depth > 1 else 0.0
+    grad_a_next = grad_prediction
+    for layer in reversed(range(depth)):
+        dz = grad_a_next if layer == depth - 1 else grad_a_next * slopes[layer] + grad_pre[layer]
+        grad_w[layer] = grad_w[layer] + t(dz) @ inputs[layer]
+        grad_a_next = grad_a[layer] + dz @ weights[layer]
+    grad_k = grad_k + grad_a_next
+
+    # terms of the last token only (β_b, f_b, m_b, row b of g) join the per-token ones
+    last = lambda x: F.pad(x[..., None], (b - 1, 0))  # noqa: E731
+    return (
+        tuple(gw.sum_to_size(w.shape) for gw, w in zip(grad_w, weights)),
+        tuple(gs.sum_to_size(s.shape) for gs, s in zip(grad_s, momentum)),
+        None if initial is None else tuple(gi.sum_to_size(i.shape) for gi, i in zip(grad_init, initial)),
+        grad_q,
+        grad_k,
+        grad_v,
+        grad_g + F.pad(grad_g_last[..., None, :], (0, 0, b - 1, 0)),
+        grad_n_last,
+        grad_beta + last(grad_beta_last),
+        grad_f + last(grad_f_last),
+        last(grad_m_last),
+    )
 
 
 def memory_scan(
@@ -324,7 +472,8 @@ def _scan_chunks(weights, momentum, sequence, chunk_size, activation, select_chu
 
 class _MemoryScanFunction(torch.autograd.Function):
     """`memory_scan` whose backward recomputes each chunk from its saved start state (activation checkpointing per
-    chunk, done in one Function so that only one chunk's intermediates are alive in the backward)."""
+    chunk, done in one Function so that only one chunk's intermediates are alive in the backward) and differentiates
+    it by hand (`memory_chunk_update_backward`)."""
 
     @staticmethod
     def forward(ctx, chunk_size, activation, depth, select_chunk, *tensors):
@@ -359,22 +508,12 @@ class _MemoryScanFunction(torch.autograd.Function):
                 grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, c + 1, grad_sel_w, zero(grad_w))))
                 grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, c + 1, grad_sel_s, zero(grad_s))))
             start_w, start_s = ctx.boundaries[c]
-            leaves = [t.detach().requires_grad_() for t in (*start_w, *start_s, *initial, *inputs[c])]
-            with torch.enable_grad():
-                out, new_w, new_s = memory_chunk_update(
-                    tuple(leaves[:depth]), tuple(leaves[depth : 2 * depth]), *leaves[-_SEQUENCE_INPUTS:],
-                    ctx.activation, tuple(leaves[2 * depth : -_SEQUENCE_INPUTS]) or None,
-                )  # fmt: skip
-                grads = torch.autograd.grad(
-                    (out, *new_w, *new_s),
-                    leaves,
-                    (grad_out[..., c * chunk_size : (c + 1) * chunk_size, :], *grad_w, *grad_s),
-                    allow_unused=True,
-                )
-            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
-            grad_w, grad_s = tuple(grads[:depth]), tuple(grads[depth : 2 * depth])
-            grad_initial = [acc + g for acc, g in zip(grad_initial, grads[2 * depth : -_SEQUENCE_INPUTS])]
-            grad_pieces.append(grads[-_SEQUENCE_INPUTS:])
+            grad_w, grad_s, grad_init, *grads = memory_chunk_update_backward(
+                start_w, start_s, *inputs[c], ctx.activation, initial or None,
+                grad_out[..., c * chunk_size : (c + 1) * chunk_size, :], grad_w, grad_s,
+            )  # fmt: skip
+            grad_initial = [acc + g for acc, g in zip(grad_initial, grad_init or ())]
+            grad_pieces.append(grads)
         if select_chunk is not None:  # rows that closed no chunk return their input state
             grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, 0, grad_sel_w, zero(grad_w))))
             grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, 0, grad_sel_s, zero(grad_s))))

@@ -96,7 +96,7 @@ def gradient_factors(weights, k: torch.Tensor, v: torch.Tensor, activation: str,
         sys.path.insert(0, ROOT)
         from modeling_titans import _MEMORY_ACTIVATIONS as activations
 
-    act, act_grad = activations[activation]
+    act, act_grad = activations[activation][:2]
     depth = len(weights)
     inputs, pre_acts, a = [], [], k
     for layer, w in enumerate(weights):

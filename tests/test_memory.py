@@ -182,6 +182,41 @@ def test_recomputing_backward_equals_autograd(select):
         torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("with_initial", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "tanh"])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_chunk_backward_equals_autograd(depth, activation, with_initial):
+    """`memory_chunk_update_backward` (by hand, σ'' included) against autograd through `memory_chunk_update`, for
+    every input: start weights and momentum (batch B), `initial` (batch 1, so its gradient sums over the batch),
+    q, k, v and the coefficients of random gates."""
+    from modeling_titans import memory_chunk_coefficients, memory_chunk_update, memory_chunk_update_backward
+
+    batch, heads, b, dim = 3, 2, 4, 5
+    weights, q, k, v, lr, eta, alpha = _random_problem(depth, b, batch=batch, heads=heads, dim=dim, seed=depth + 11)
+    gen = torch.Generator().manual_seed(17)
+    momentum = [torch.randn(w.shape, generator=gen, dtype=w.dtype) * 0.1 for w in weights]
+    initial = [w[:1] + 0.1 * torch.randn(w[:1].shape, generator=gen, dtype=w.dtype) for w in weights]
+    g, n_last, beta, f, m = memory_chunk_coefficients(lr * 5, eta.log(), (1 - alpha).log(), b)
+    g = g.view(batch, heads, b, b)
+    assert (g[..., torch.ones(b, b, dtype=torch.bool).tril()] > 0).all()  # each u_j reaches every M_i, i >= j
+    inputs = (*weights, *momentum, *(initial if with_initial else ()), q, k, v, g, n_last, beta, f, m)
+
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    W, S, init = leaves[:depth], leaves[depth : 2 * depth], leaves[2 * depth : -8] or None
+    out, w_end, s_end = memory_chunk_update(tuple(W), tuple(S), *leaves[-8:], activation, init and tuple(init))
+    upstream = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (out, *w_end, *s_end)]
+    expected = torch.autograd.grad((out, *w_end, *s_end), leaves, upstream)
+
+    grad_w, grad_s, grad_init, *grad_sequence = memory_chunk_update_backward(
+        tuple(weights), tuple(momentum), *inputs[-8:], activation, tuple(initial) if with_initial else None,
+        upstream[0], tuple(upstream[1 : 1 + depth]), tuple(upstream[1 + depth :]),
+    )  # fmt: skip
+    assert (grad_init is None) == (not with_initial)
+    for got, want in zip((*grad_w, *grad_s, *(grad_init or ()), *grad_sequence), expected, strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("ablation", [{}, {"memory_use_momentum": False}, {"memory_use_forgetting": False}])
 @pytest.mark.parametrize("prefix", [1, 3, 4, 6])
 def test_one_token_steps_equal_the_chunk_form(prefix, ablation):
