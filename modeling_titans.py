@@ -845,22 +845,30 @@ class TitansNeuralMemory(nn.Module):
         out = out.transpose(1, 2)
         result = self._output(out, x) * valid[..., None].to(x.dtype)
 
-        # open chunk of each row -> new buffer; last K-1 real projections -> new conv state
-        start = (select * b)[:, None] + torch.arange(b, device=x.device)[None]
-        start = start.clamp(max=padded - 1)
-        take = lambda t: _gather_time(t.transpose(1, 2), start).transpose(1, 2)  # noqa: E731
+        # open chunk of each row -> new buffer; last K-1 real projections -> new conv state. Where every row closes its
+        # chunk (buffers empty) or holds the same number of tokens, slices replace the gathers: gather keeps its
+        # whole input alive for the backward (MAC: the conv input of every segment)
+        if whole_chunks:
+            buffer_k, buffer_v, buffer_gates = (torch.zeros_like(t) for t in (state.buffer_k, state.buffer_v, state.buffer_gates))
+        else:
+            start = (select * b)[:, None] + torch.arange(b, device=x.device)[None]
+            start = start.clamp(max=padded - 1)
+            take = lambda t: _gather_time(t.transpose(1, 2), start).transpose(1, 2)  # noqa: E731
+            buffer_k, buffer_v, buffer_gates = take(k), take(v), take(gates)
+        if conv_in is None:
+            conv = state.conv
+        elif bool((count == count[0]).all()):
+            conv = conv_in[:, int(count[0]) : int(count[0]) + self.conv_size - 1].clone()  # not a view: see above
+        else:
+            conv = _gather_time(conv_in, count[:, None] + torch.arange(self.conv_size - 1, device=x.device)[None])
         new_state = TitansMemoryState(
             weights=new_w,
             momentum=new_s,
-            buffer_k=take(k),
-            buffer_v=take(v),
-            buffer_gates=take(gates),
+            buffer_k=buffer_k,
+            buffer_v=buffer_v,
+            buffer_gates=buffer_gates,
             buffer_length=total - select * b,
-            conv=(
-                _gather_time(conv_in, count[:, None] + torch.arange(self.conv_size - 1, device=x.device)[None])
-                if conv_in is not None
-                else state.conv
-            ),
+            conv=conv,
         )
         return result, new_state
 
