@@ -154,7 +154,8 @@ def memory_gradient_factors(weights: tuple[torch.Tensor, ...], k: torch.Tensor, 
     """Per-token gradient of ℓ = ||M(k) - v||² (Eq. 12) w.r.t. each memory layer, in factored form.
 
     Forward at the given weights on the keys, then the analytic backward: the gradient of token j w.r.t. layer l is
-    the outer product deltas[l][j] ⊗ inputs[l][j]. Autograd-free, so it also runs inside `generate()` (no_grad).
+    the outer product deltas[l][j] ⊗ inputs[l][j], here already divided by 1 + ||inputs[l][j]||² (normalised step,
+    model card D19). Autograd-free, so it also runs inside `generate()` (no_grad).
     """
     inputs, deltas, *_ = _gradient_factors(weights, k, v, activation)
     return inputs, deltas
@@ -162,7 +163,8 @@ def memory_gradient_factors(weights: tuple[torch.Tensor, ...], k: torch.Tensor, 
 
 def _gradient_factors(weights, k, v, activation):
     """`memory_gradient_factors`, also returning what its own backward needs: the pre-activations z_l = a_l W_lᵀ, the
-    back-propagated δ_{l+1} W_{l+1} and the slopes σ'(z_l) (l < L - 1) whose product is δ_l."""
+    back-propagated δ_{l+1} W_{l+1}, the slopes σ'(z_l) (l < L - 1) whose product is δ_l, the deltas before the
+    normalisation and its factors 1 / (1 + ||a_l||²)."""
     act, act_grad, _ = _MEMORY_ACTIVATIONS[activation]
     depth = len(weights)
     inputs, pre_acts = [], []
@@ -174,13 +176,18 @@ def _gradient_factors(weights, k, v, activation):
         a = act(z) if layer < depth - 1 else z
     prediction = a + k if depth > 1 else a
     delta = 2.0 * (prediction - v)
-    deltas, carried, slopes = [None] * depth, [None] * (depth - 1), [None] * (depth - 1)
+    raw, carried, slopes = [None] * depth, [None] * (depth - 1), [None] * (depth - 1)
     for layer in reversed(range(depth)):
-        deltas[layer] = delta
+        raw[layer] = delta
         if layer > 0:
             carried[layer - 1], slopes[layer - 1] = delta @ weights[layer], act_grad(pre_acts[layer - 1])
             delta = carried[layer - 1] * slopes[layer - 1]
-    return inputs, deltas, pre_acts, carried, slopes
+    # Normalised-LMS step (model card D19): layer l's gradient δ_l a_lᵀ has curvature ∝ ‖a_l‖² along itself, and
+    # ‖a_l‖ = ‖σ(W_{l-1} a_{l-1})‖ grows with the memory's own weights; dividing by 1 + ‖a_l‖² keeps θ a step size
+    # relative to that curvature, so the inner loop cannot run away once the outer training sharpens the memory.
+    scales = [1.0 / (1.0 + (a * a).sum(-1, keepdim=True)) for a in inputs]
+    deltas = [d * r for d, r in zip(raw, scales)]
+    return inputs, deltas, pre_acts, carried, slopes, raw, scales
 
 
 def _exp_nonpositive(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -305,7 +312,7 @@ def memory_chunk_update_backward(
     act, act_grad, act_grad2 = _MEMORY_ACTIVATIONS[activation]
     depth, b = len(weights), q.shape[-2]
     t = lambda x: x.transpose(-1, -2)  # noqa: E731
-    inputs, deltas, pre_acts, carried, slopes = _gradient_factors(weights, k, v, activation)
+    inputs, deltas, pre_acts, carried, slopes, raw, scales = _gradient_factors(weights, k, v, activation)
     beta_, f_ = beta[..., None], f[..., None]
 
     # chunk-end states: W' = β_b W + f_b S - (δ ∘ g_b)ᵀ a + (1 - β_b) M_init,  S' = m_b S - (δ ∘ n)ᵀ a
@@ -366,13 +373,18 @@ def memory_chunk_update_backward(
         grad_a[layer] = grad_a[layer] + t(grad_score) @ h
     grad_q = grad_q + grad_h
 
+    # normalised deltas δ_l r_l, r_l = 1 / (1 + ||a_l||²): back to the raw δ_l and, through r_l, to a_l
+    for layer in range(depth):
+        along = (grad_delta[layer] * raw[layer]).sum(-1, keepdim=True)
+        grad_a[layer] = grad_a[layer] - 2.0 * along * scales[layer] ** 2 * inputs[layer]
+        grad_delta[layer] = grad_delta[layer] * scales[layer]
     # deltas δ_{l-1} = (δ_l W_l) ∘ σ'(z_{l-1}) (memory_gradient_factors), from δ_0 up; δ_{L-1} = 2 (M(k) - v)
     grad_pre = [0.0] * depth
     for layer in range(1, depth):
         grad_carried = grad_delta[layer - 1] * slopes[layer - 1]
         grad_pre[layer - 1] = grad_delta[layer - 1] * carried[layer - 1] * act_grad2(pre_acts[layer - 1])
         grad_delta[layer] = grad_delta[layer] + grad_carried @ t(weights[layer])
-        grad_w[layer] = grad_w[layer] + t(deltas[layer]) @ grad_carried
+        grad_w[layer] = grad_w[layer] + t(raw[layer]) @ grad_carried
     grad_prediction = 2.0 * grad_delta[-1]
     grad_v = -grad_prediction
     # forward on the keys a_{l+1} = σ(a_l W_lᵀ), M(k) = a_L (+ k for deep memories)

@@ -117,7 +117,8 @@ def gradient_factors(weights, k: torch.Tensor, v: torch.Tensor, activation: str,
 def surprise_norm(weights, k: torch.Tensor, v: torch.Tensor, activation: str, factors=None) -> torch.Tensor:
     """||∇_W ||M_W(k_t) − v_t||²||_F per token, W = `weights` (each (B, H, d_out, d_in)); k, v (B, H, n, d).
     Each layer's gradient is an outer product δ aᵀ, whose squared Frobenius norm is ||δ||² ||a||². `factors`: the
-    model's own `memory_gradient_factors` when its modeling file has it, else the copy above."""
+    model's own `memory_gradient_factors` when its modeling file has it (whose deltas carry the normalised step of
+    model card D19: the surprise the update uses), else the copy above (the plain gradient of older models)."""
     inputs, deltas = (factors or gradient_factors)(weights, k, v, activation)
     return torch.sqrt(sum(d.pow(2).sum(-1) * a.pow(2).sum(-1) for a, d in zip(inputs, deltas)))
 

@@ -1,8 +1,9 @@
 """Independent token-by-token reference of the Titans memory, written directly from the paper's equations.
 
 No closed form, no dual form: each step takes the gradient of the associative loss (Eq. 12) with autograd at the
-chunk-start weights (§3.2, Eq. 16), then applies momentum (Eq. 14) and forgetting (Eq. 13), and reads the memory
-with the updated weights (Eq. 15).
+chunk-start weights (§3.2, Eq. 16), divides each layer's gradient by 1 + ||input of that layer||² (normalised step,
+model card D19), then applies momentum (Eq. 14) and forgetting (Eq. 13), and reads the memory with the updated
+weights (Eq. 15).
 """
 
 import torch
@@ -15,6 +16,17 @@ def mlp(weights, x, act):
         if i < len(weights) - 1:
             a = act(a)
     return a + x if len(weights) > 1 else a
+
+
+def layer_inputs(weights, x, act):
+    """The input of every layer of the memory MLP for x."""
+    inputs, a = [], x
+    for i, w in enumerate(weights):
+        inputs.append(a)
+        a = a @ w.T
+        if i < len(weights) - 1:
+            a = act(a)
+    return inputs
 
 
 def reference_memory(weights, q, k, v, lr, eta, alpha, chunk_size, act=torch.nn.functional.silu, initial=None):
@@ -34,6 +46,7 @@ def reference_memory(weights, q, k, v, lr, eta, alpha, chunk_size, act=torch.nn.
         with torch.enable_grad():
             loss = (mlp(params, k[t], act) - v[t]).pow(2).sum()  # ℓ(M_{t'}; x_t) = ||M(k_t) - v_t||²
             grads = torch.autograd.grad(loss, params)
+        grads = [g / (1 + a.pow(2).sum()) for g, a in zip(grads, layer_inputs(anchor, k[t], act))]
         S = [eta[t] * s - lr[t] * g for s, g in zip(S, grads)]  # S_t = η_t S_{t-1} - θ_t ∇ℓ
         M = [(1 - alpha[t]) * m + alpha[t] * m0 + s for m, m0, s in zip(M, initial, S)]  # Eq. 13, D7
         outputs.append(mlp(M, q[t], act))  # y_t = M*_t(q_t)

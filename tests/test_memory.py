@@ -75,14 +75,16 @@ def test_chunk_size_changes_semantics():
 
 
 def test_linear_memory_without_momentum_is_delta_rule():
-    """App. C: with η = 0, α = 0 and b = 1 a linear Titans memory is DeltaNet with β = 2θ (loss without ½)."""
+    """App. C: with η = 0, α = 0 and b = 1 a linear Titans memory is DeltaNet with β = 2θ / (1 + ||k||²) (loss without
+    ½, normalised step D19): β = θ for unit keys."""
     weights, q, k, v, lr, _, _ = _random_problem(1, 10, batch=1, heads=1)
     zero = torch.zeros_like(lr)
     eta = torch.full_like(lr, 1e-300)  # η → 0 (log η ≈ -690)
     out = _scan(weights, q, k, v, lr, eta, zero, 1)[0][0, 0]
     state = weights[0][0, 0].clone()
     for t in range(10):
-        kt, vt, beta = k[0, 0, t], v[0, 0, t], 2 * lr[0, 0, t]
+        kt, vt = k[0, 0, t], v[0, 0, t]
+        beta = 2 * lr[0, 0, t] / (1 + kt @ kt)
         state = state - beta * torch.outer(state @ kt - vt, kt)
         torch.testing.assert_close(out[t], state @ q[0, 0, t], atol=1e-10, rtol=0)
 
@@ -136,6 +138,25 @@ def test_saturated_gates_keep_the_memory_bounded(eta_bias):
     _, state = memory(x, return_state=True)
     start = max(w.norm().item() for w in memory.memory_weights)
     assert max(w.norm().item() for w in state.weights) < 3 * start
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_normalised_step_keeps_a_sharp_deep_memory_bounded(scale):
+    """D19: a deep memory whose hidden activations are large (initial weights at `scale` times their init scale, as
+    the outer training makes them) diverged with the plain gradient at θ·b = 0.8 (the MQAR blow-up: weights 4e13
+    within 49 tokens); with each layer's step divided by 1 + ||layer input||² it stays bounded."""
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    heads, dim, hidden, T = 2, 16, 32, 512
+    weights = [rand(1, heads, hidden, dim) * scale / dim**0.5, rand(1, heads, dim, hidden) * scale / hidden**0.5]
+    k, v = F.normalize(rand(1, heads, T, dim), dim=-1), F.normalize(rand(1, heads, T, dim), dim=-1)
+    k[:, :, T // 2 :] = k[:, :, : T // 2]  # the same keys again
+    full = lambda value: torch.full((1, heads, T), value, dtype=torch.float64)  # noqa: E731
+    lr, no_momentum, no_forgetting = full(0.2), full(1e-300), full(0.0)
+    _, state, _ = _scan(weights, k, k, v, lr, no_momentum, no_forgetting, 4)
+    start = max(w.abs().max().item() for w in weights)
+    assert all(torch.isfinite(w).all() for w in state)
+    assert max(w.abs().max().item() for w in state) < 3 * start
 
 
 def test_warns_when_a_chunk_step_can_exceed_one(caplog):
