@@ -87,6 +87,22 @@ def apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1):
     return (x * cos) + (rotate_half(x) * sin)
 
 
+# Whole-sequence temporaries made long inputs slower per token on CPU: at 4 x 8,192 tokens (anchor dims) each is
+# >= 32 MiB, which glibc always serves with fresh mmap'd pages (page faults: 30 % of a training step), and even
+# without the faults (heap only) the step was no faster. Work that is independent per position (or per memory
+# chunk) therefore runs on pieces of at most `_PIECE_ELEMENTS` elements, whose temporaries stay small and reused;
+# inputs up to 4 x 1,024 tokens of width 256 are a single piece, i.e. the plain call.
+_PIECE_ELEMENTS = 1 << 20
+
+
+def _position_wise(fn, *xs):
+    """fn(*xs) for a fn that treats each position of its (B, T, ...) inputs on its own, applied to time pieces."""
+    size = max(_PIECE_ELEMENTS // xs[0][:, :1].numel(), 1)
+    if xs[0].shape[1] <= size:
+        return fn(*xs)
+    return torch.cat([fn(*piece) for piece in zip(*(x.split(size, dim=1) for x in xs))], dim=1)
+
+
 class TitansMLP(nn.Module):
     def __init__(self, config: TitansConfig):
         super().__init__()
@@ -215,6 +231,13 @@ def memory_chunk_coefficients(lr: torch.Tensor, log_eta: torch.Tensor, log_keep:
     <= 0). Inputs (B, H, T) with T a multiple of `chunk_size`. Returns G as (B, H, T, b) (row i of its chunk's
     matrix), and per token (B, H, T): n_{b,j} (the last row of N), β_i, f_i and m_i.
     """
+    # chunks are independent: long inputs go by pieces of whole chunks, so that the (B, H, T, b) temporaries stay
+    # small (see `_PIECE_ELEMENTS`)
+    size = max(_PIECE_ELEMENTS // (lr[..., :1].numel() * chunk_size**2), 1) * chunk_size
+    if lr.shape[-1] > size:
+        pieces = zip(*(t.split(size, dim=-1) for t in (lr, log_eta, log_keep)))
+        g, *per_token = zip(*(memory_chunk_coefficients(*piece, chunk_size) for piece in pieces))
+        return torch.cat(g, dim=-2), *(torch.cat(t, dim=-1) for t in per_token)
     shape = (*lr.shape[:-1], -1, chunk_size)
     lr, log_eta, log_keep = lr.reshape(shape), log_eta.reshape(shape), log_keep.reshape(shape)
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=lr.device).tril()
@@ -677,8 +700,8 @@ class TitansNeuralMemory(nn.Module):
             log_eta = torch.full_like(lr, -1e4)
         return torch.stack([lr, log_eta, log_keep], dim=-1).transpose(1, 2)
 
-    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y = self.output_norm(y.transpose(1, 2).to(x.dtype))  # (B, T, H, d)
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # y: (B, T, H, d)
+        y = self.output_norm(y.to(x.dtype))
         gate = F.silu(self.g_proj(x)).view(*x.shape[:2], self.num_heads, self.head_dim)
         return self.o_proj((y * gate).flatten(2))
 
@@ -699,10 +722,18 @@ class TitansNeuralMemory(nn.Module):
     def retrieve(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """MAC's h_t = M*_{t-1}(q_t) (Eq. 21): read a given memory state with the queries of x, no update."""
         q = F.normalize(self._split_heads(F.silu(self.q_proj(x))), dim=-1)
-        return self._output(memory_apply(weights, q, self.activation), x)
+        return self._output(memory_apply(weights, q, self.activation).transpose(1, 2), x)
 
     def _qkv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
         """q, k, v = SiLU(ShortConv(x W)), q/k (and v, D5) ℓ2-normalised per head (§4.4): (B, H, T, d) each."""
+        size = max(_PIECE_ELEMENTS // x[:, :1].numel(), 1)
+        if conv_state is None and x.shape[1] > size:  # long input: by time pieces (`_PIECE_ELEMENTS`), each piece's
+            pieces, state = [], None  # conv state being the last K-1 projections of the pieces before it
+            for piece in x.split(size, dim=1):
+                *qkv, state = self._qkv(piece, state)
+                pieces.append(qkv)
+                state = None if state is None else state[:, state.shape[1] - self.conv_size + 1 :]
+            return *(torch.cat(t, dim=2) for t in zip(*pieces)), None
         projected = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         if torch.is_grad_enabled() and projected.requires_grad:  # elementwise work: recompute rather than store
             return checkpoint(self._qkv_from_projection, projected, conv_state, use_reentrant=False)
@@ -751,7 +782,7 @@ class TitansNeuralMemory(nn.Module):
             step = (deltas[layer] * lr).transpose(-1, -2) @ inputs[layer]  # θ_t u_t, u_t = δ_t a_tᵀ
             new_s.append(eta * current_s[layer] - step)
             new_w.append(torch.lerp(init, current_w[layer], keep) + new_s[-1])  # (1-α_t) M + α_t M_init + S_t
-        out = self._output(memory_apply(new_w, q, self.activation), x)
+        out = self._output(memory_apply(new_w, q, self.activation).transpose(1, 2), x)
 
         slot = state.buffer_length.view(-1, 1, 1, 1)
         put = lambda buffer, t: buffer.scatter(2, slot.expand(*t.shape[:2], 1, t.shape[-1]), t)  # noqa: E731
@@ -827,7 +858,8 @@ class TitansNeuralMemory(nn.Module):
         # pad to whole chunks with neutral tokens (θ = 0, η = 1, α = 0): they never precede a real token
         length = q.shape[2] if total is None else max(int(total.max()), 1)
         padded = -(-length // b) * b
-        q, k, v, gates = (t[:, :, :length] for t in (q, k, v, gates))
+        if length < q.shape[2]:  # (a full-length slice would still cost a zero-filled gradient in the backward)
+            q, k, v, gates = (t[:, :, :length] for t in (q, k, v, gates))
         if padded > length:
             pad = padded - length
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
@@ -844,7 +876,8 @@ class TitansNeuralMemory(nn.Module):
         )  # fmt: skip
 
         if fast:
-            return self._output(out[:, :, :seq_len], x), None
+            out = out[:, :, :seq_len] if padded > seq_len else out
+            return _position_wise(self._output, out.transpose(1, 2), x), None
 
         # outputs of the new tokens back to their original slots
         if padded >= seq_len and bool((offset == 0).all()):
@@ -854,8 +887,7 @@ class TitansNeuralMemory(nn.Module):
             out = _gather_time(out.transpose(1, 2), index)
         if perm is not None:
             out = _gather_time(out, torch.argsort(perm, dim=1))
-        out = out.transpose(1, 2)
-        result = self._output(out, x) * valid[..., None].to(x.dtype)
+        result = _position_wise(self._output, out, x) * valid[..., None].to(x.dtype)
 
         # open chunk of each row -> new buffer; last K-1 real projections -> new conv state. Where every row closes its
         # chunk (buffers empty) or holds the same number of tokens, slices replace the gathers: gather keeps its
@@ -1335,6 +1367,17 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
     def _gate(self, y: torch.Tensor, memory_out: torch.Tensor) -> torch.Tensor:
         return self.attention_gate_norm(y) * torch.sigmoid(self.memory_gate_norm(memory_out))
 
+    def _attention(self, x, position_embeddings, positions, layer_cache, **kwargs):
+        """Sliding-window attention. Long inputs without a cache go by time pieces (`_PIECE_ELEMENTS`), each seeing
+        the last window-1 keys of the piece before through a scratch cache, exactly as a continued cache does."""
+        window = self.config.attention_window
+        size = max(_PIECE_ELEMENTS // (x[:, :1].numel() * window), 1) * window
+        if layer_cache is not None or x.shape[1] <= size or self.config._attn_implementation == "flex_attention":
+            return self.self_attn(x, position_embeddings, positions, layer_cache, **kwargs)[0]
+        scratch = TitansLayerCache()
+        pieces = zip(*(t.split(size, dim=1) for t in (x, *position_embeddings, positions)))
+        return torch.cat([self.self_attn(p, (cos, sin), pos, scratch, **kwargs)[0] for p, cos, sin, pos in pieces], 1)
+
     def _memory(self, x, valid, layer_cache):
         if layer_cache is None:
             return self.memory(x, valid)[0]
@@ -1386,21 +1429,21 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         valid = None if padding is None else ~padding
         residual = hidden_states
         if self.mode == "mal":  # memory as a layer, then sliding-window attention (Eq. 29-31)
-            hidden_states = residual = residual + self._memory(self.memory_layernorm(hidden_states), valid, layer_cache)
-        x = self.input_layernorm(hidden_states)
+            hidden_states = residual = residual + self._memory(
+                _position_wise(self.memory_layernorm, hidden_states), valid, layer_cache
+            )
+        x = _position_wise(self.input_layernorm, hidden_states)
         if self.mode in ("swa", "mal"):
-            out = self.self_attn(x, position_embeddings, positions, layer_cache, **kwargs)[0]
+            out = self._attention(x, position_embeddings, positions, layer_cache, **kwargs)
         elif self.mode == "lmm":  # memory only (§4.3, "memory without attention")
             out = self._memory(x, valid, layer_cache)
         elif self.mode == "mag":  # memory as a gate (Eq. 26-28): SW-Attn branch ⊗ memory branch
-            y = self.self_attn(x, position_embeddings, positions, layer_cache, **kwargs)[0]
-            out = self._gate(y, self._memory(x, valid, layer_cache))
+            y = self._attention(x, position_embeddings, positions, layer_cache, **kwargs)
+            out = _position_wise(self._gate, y, self._memory(x, valid, layer_cache))
         else:  # mac
             out = self._memory_as_context(x, position_embeddings, positions, layer_cache)
         hidden_states = residual + out
-        residual = hidden_states
-        hidden_states = residual + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states
+        return _position_wise(lambda h: h + self.mlp(self.post_attention_layernorm(h)), hidden_states)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1550,7 +1593,7 @@ class TitansModel(TitansPreTrainedModel):
                 past_key_values=cache,
                 **kwargs,
             )
-        hidden_states = self.norm(hidden_states)
+        hidden_states = _position_wise(self.norm, hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if cache is not None:

@@ -60,3 +60,31 @@ def test_inductor_training_step_matches_eager():
     """Generated kernels (stated tolerance 1e-4 on logits, gradients 1e-4 + 0.1 %)."""
     torch._dynamo.reset()
     _compiled_matches_eager("mag", "inductor")
+
+
+@pytest.mark.parametrize("conv_size", [4, 0])
+def test_pieces_of_long_inputs_equal_one_piece(variant, monkeypatch, conv_size):
+    """Position-wise work, the short conv and the chunk coefficients of long inputs go by pieces (`_PIECE_ELEMENTS`):
+    same loss, logits and gradients as in one piece, with and without padding (compaction) and a cache."""
+    import modeling_titans
+
+    model = tiny_model(variant, memory_conv_size=conv_size).train()
+    ids = torch.randint(2, 64, (2, 45))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+
+    def run(**kwargs):
+        out = model(ids, labels=ids, **kwargs)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return out.logits, grads
+
+    for kwargs in ({"use_cache": False}, {"attention_mask": mask, "use_cache": True}):
+        monkeypatch.setattr(modeling_titans, "_PIECE_ELEMENTS", 1 << 30)
+        one_logits, one_grads = run(**kwargs)
+        monkeypatch.setattr(modeling_titans, "_PIECE_ELEMENTS", 2 * 9 * 32)  # pieces of 9 tokens, of 9 chunks
+        logits, grads = run(**kwargs)
+        torch.testing.assert_close(logits, one_logits, atol=1e-5, rtol=0)
+        for g, one in zip(grads, one_grads):
+            torch.testing.assert_close(g, one, atol=1e-5, rtol=1e-4)
