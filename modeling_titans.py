@@ -8,6 +8,8 @@ Layout follows `modeling_llama.py`: norm -> rotary -> MLP -> neural memory (+ it
 decoder layer -> cache -> PreTrainedModel -> Model -> ForCausalLM.
 """
 
+import contextlib
+import functools
 import json
 from collections.abc import Callable
 
@@ -151,6 +153,27 @@ _MEMORY_ACTIVATIONS = {
 }
 
 
+def _autocast_off() -> contextlib.AbstractContextManager:
+    """Mixed precision stops at the memory: its inner optimisation (Eq. 13-16) runs in the state dtype (fp32), as
+    `TitansNeuralMemory.state_dtype` promises, also under `torch.autocast` (Trainer's --bf16/--fp16). Autocast would
+    run the inner matmuls in half precision, and that rounding accumulates over every chunk of a stream (model card D16)."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def _full_precision(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _autocast_off():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_full_precision
 def memory_apply(weights: tuple[torch.Tensor, ...], x: torch.Tensor, activation: str) -> torch.Tensor:
     """Retrieval y = M*(x) (Eq. 15): a forward pass of the memory MLP without changing its weights.
 
@@ -171,6 +194,7 @@ def memory_apply(weights: tuple[torch.Tensor, ...], x: torch.Tensor, activation:
 _MIN_LOG_COEFF, _MIN_COEFF = -40.0, 1e-20
 
 
+@_full_precision
 def memory_gradient_factors(weights: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor, activation: str):
     """Per-token gradient of ℓ = ||M(k) - v||² (Eq. 12) w.r.t. each memory layer, in factored form.
 
@@ -441,6 +465,7 @@ def memory_chunk_update_backward(
     )
 
 
+@_full_precision
 def memory_scan(
     weights, momentum, q, k, v, lr, log_eta, log_keep, chunk_size, activation, select_chunk=None, initial=None
 ):
@@ -783,10 +808,11 @@ class TitansNeuralMemory(nn.Module):
         current_w, current_s = self._current(state)
         inputs, deltas = memory_gradient_factors(state.weights, k, v, self.activation)
         new_s, new_w = [], []
-        for layer, init in enumerate(self._initial_weights()):
-            step = (deltas[layer] * lr).transpose(-1, -2) @ inputs[layer]  # θ_t u_t, u_t = δ_t a_tᵀ
-            new_s.append(eta * current_s[layer] - step)
-            new_w.append(torch.lerp(init, current_w[layer], keep) + new_s[-1])  # (1-α_t) M + α_t M_init + S_t
+        with _autocast_off():
+            for layer, init in enumerate(self._initial_weights()):
+                step = (deltas[layer] * lr).transpose(-1, -2) @ inputs[layer]  # θ_t u_t, u_t = δ_t a_tᵀ
+                new_s.append(eta * current_s[layer] - step)
+                new_w.append(torch.lerp(init, current_w[layer], keep) + new_s[-1])  # (1-α_t) M + α_t M_init + S_t
         out = self._output(memory_apply(new_w, q, self.activation).transpose(1, 2), x)
 
         slot = state.buffer_length.view(-1, 1, 1, 1)
