@@ -1,0 +1,178 @@
+"""The same guarantees on a CUDA device: chunked memory vs the token recurrence, CUDA vs CPU, cached vs uncached
+generation, padded vs unpadded, attention backends, bf16 (autocast and bf16 weights) and compiled training steps.
+
+Skipped where there is no GPU (CI). Run on a GPU machine with `python -m pytest tests/test_gpu.py -m "slow or not slow"`.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from reference import reference_memory
+from test_memory import _random_problem, _scan
+
+from modeling_titans import TitansCache, memory_scan
+
+
+# TITANS_TEST_GPU_DEVICE=cpu dry-runs this file's logic without a GPU
+CUDA = os.environ.get("TITANS_TEST_GPU_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(CUDA == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_matmuls():
+    # fp32 comparisons need fp32 matmuls, not TF32
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _to(tensors, device):
+    return [t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_chunk_scan_on_cuda_equals_token_recurrence(depth, chunk):
+    weights, q, k, v, lr, eta, alpha = _random_problem(depth, 32, seed=depth * 7 + chunk)
+    out, w_end, _ = _scan(_to(weights, CUDA), *_to((q, k, v, lr, eta, alpha), CUDA), chunk)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            ref_out, ref_w, _ = reference_memory(
+                [w[b, h] for w in weights], q[b, h], k[b, h], v[b, h], lr[b, h], eta[b, h], alpha[b, h], chunk
+            )
+            torch.testing.assert_close(out[b, h].cpu(), ref_out, atol=1e-6, rtol=0)
+            for got, want in zip(w_end, ref_w):
+                torch.testing.assert_close(got[b, h].cpu(), want, atol=1e-6, rtol=0)
+
+
+def _loss_and_grads(model, ids, **kwargs):
+    out = model(ids, labels=ids, **kwargs)
+    out.loss.backward()
+    grads = [p.grad.detach().cpu().clone() for p in model.parameters()]
+    model.zero_grad()
+    return out.logits.detach().cpu(), grads
+
+
+def test_cuda_training_step_matches_cpu(variant):
+    model = tiny_model(variant, scale=0.1).train()
+    ids = torch.randint(2, 64, (2, 45), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    cpu = _loss_and_grads(model, ids, attention_mask=mask)
+    gpu = _loss_and_grads(model.to(CUDA), ids.to(CUDA), attention_mask=mask.to(CUDA))
+    torch.testing.assert_close(gpu[0], cpu[0], atol=1e-4, rtol=0)
+    for g, c in zip(gpu[1], cpu[1]):
+        torch.testing.assert_close(g, c, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("prompt_len", [3, 35])
+def test_cuda_greedy_generate_with_and_without_cache(variant, prompt_len):
+    model = tiny_model(variant).to(CUDA)
+    ids = torch.randint(2, 64, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len)).to(CUDA)
+    kwargs = dict(max_new_tokens=48, min_new_tokens=48, do_sample=False)
+    cached = model.generate(ids, use_cache=True, **kwargs)
+    uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_cuda_left_padded_batch_generates_like_each_prompt_alone(variant):
+    model = tiny_model(variant).to(CUDA)
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randint(2, 64, (1, 13), generator=gen), torch.randint(2, 64, (1, 6), generator=gen)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 7, dtype=torch.long), b], dim=1)]).to(CUDA)
+    mask = (torch.arange(13)[None] >= torch.tensor([[0], [7]])).long().to(CUDA)
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    batch = model.generate(ids, attention_mask=mask, **kwargs)
+    for row, single in enumerate((a, b)):
+        alone = model.generate(single.to(CUDA), **kwargs)
+        assert torch.equal(batch[row, -24:], alone[0, -24:]), row
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "flex_attention"])
+def test_cuda_attention_backends_match_eager(variant, impl):
+    if variant == "lmm":
+        pytest.skip("memory-only: no attention")
+    model = tiny_model(variant, scale=0.1).to(CUDA)
+    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        eager = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation(impl)
+        other = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(other[mask.bool()], eager[mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_cuda_autocast_keeps_the_memory_fp32(variant):
+    """bf16 autocast on CUDA: the memory scan is bit-identical to fp32 (D16), the model tracks fp32."""
+    model = tiny_model(variant, scale=0.1).train().to(CUDA)
+    layer = next(layer for layer in model.model.layers if layer.memory is not None).memory
+    x = torch.randn(2, 16, model.config.hidden_size, device=CUDA)
+    with torch.no_grad():
+        q, k, v, _ = layer._qkv(x, None)
+        gates = layer._gates(x)
+        weights = tuple(w.unsqueeze(0).expand(2, *w.shape) for w in layer.memory_weights)
+        args = (weights, tuple(torch.zeros_like(w) for w in weights), q, k, v, *gates.unbind(-1), layer.chunk_size,
+                layer.activation)  # fmt: skip
+        plain = memory_scan(*args, initial=layer._initial_weights())
+        with torch.autocast(CUDA, dtype=torch.bfloat16):
+            mixed = memory_scan(*args, initial=layer._initial_weights())
+    for a, b in zip((plain[0], *plain[1], *plain[2]), (mixed[0], *mixed[1], *mixed[2])):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    ids = torch.randint(2, 64, (2, 24), generator=torch.Generator().manual_seed(2)).to(CUDA)
+    ref_logits, ref_grads = _loss_and_grads(model, ids)
+    with torch.autocast(CUDA, dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    mixed = torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
+    reference = torch.cat([g.flatten() for g in ref_grads])
+    assert torch.isfinite(mixed).all()
+    assert F.cosine_similarity(mixed, reference, dim=0) >= 0.999  # same tolerance as the CPU test
+    assert (out.logits.float().cpu() - ref_logits).abs().max() <= 0.05 * ref_logits.abs().max()
+
+
+def test_cuda_bf16_weights_keep_an_fp32_memory_state(variant):
+    model = tiny_model(variant, scale=0.1).to(CUDA)
+    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(4)).to(CUDA)
+    with torch.no_grad():
+        reference = model(ids).logits
+        model = model.to(torch.bfloat16)
+        cache = TitansCache(model.config)
+        fast = model(ids, past_key_values=cache, use_cache=True).logits
+    assert fast.dtype == torch.bfloat16
+    assert (fast.float() - reference).abs().max() <= 0.05 * reference.abs().max()
+    for layer in cache.layers:
+        if layer.memory is not None:
+            assert all(w.dtype == torch.float32 and w.device.type == torch.device(CUDA).type for w in layer.memory.weights + layer.memory.momentum)
+
+
+def test_cuda_anchor_sized_training_path_equals_streaming_path(variant):
+    """Anchor-sized memory (64-dim heads, chunk 64) over several chunks: the parallel training path and the
+    stateful cache path agree on the GPU too."""
+    model = tiny_model(variant, scale=0.05, hidden_size=128, num_attention_heads=2, memory_head_dim=64,
+                       num_memory_heads=2, memory_chunk_size=64, attention_window=64).to(CUDA)  # fmt: skip
+    ids = torch.randint(2, 64, (2, 300), generator=torch.Generator().manual_seed(5)).to(CUDA)
+    with torch.no_grad():
+        training = model(ids, use_cache=False).logits
+        streaming = model(ids, past_key_values=TitansCache(model.config), use_cache=True).logits
+    torch.testing.assert_close(training, streaming, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["mag", "mac"])
+def test_cuda_inductor_training_step_matches_eager(variant):
+    """Generated Triton kernels (stated tolerance 1e-4 on logits, gradients 1e-4 + 0.1 %)."""
+    torch._dynamo.reset()
+    model = tiny_model(variant).train().to(CUDA)
+    ids = torch.randint(2, 64, (2, 32), generator=torch.Generator().manual_seed(6)).to(CUDA)
+    eager = _loss_and_grads(model, ids)
+    compiled = _loss_and_grads(torch.compile(model), ids)
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-4, rtol=0)
+    for c, e in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-3)
