@@ -32,7 +32,7 @@ Data-parallel (DDP; gloo on CPU, NCCL on GPUs):
 FSDP: `_no_split_modules = ["TitansDecoderLayer"]` makes auto-wrap shard one decoder layer per unit, either through
 the Trainer flags or an accelerate config:
 
-    torchrun --nproc_per_node 8 scripts/train.py --fsdp "full_shard auto_wrap" --bf16 --output_dir outputs/fsdp ...
+    torchrun --nproc_per_node 8 scripts/train.py --fsdp --bf16 --output_dir outputs/fsdp ...   # FSDP2, layer-wise
     accelerate launch --num_processes 8 --use_fsdp --fsdp_sharding_strategy FULL_SHARD \
         --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap TitansDecoderLayer \
         --fsdp_state_dict_type FULL_STATE_DICT scripts/train.py --bf16 --output_dir outputs/fsdp ...
