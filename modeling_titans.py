@@ -9,6 +9,7 @@ decoder layer -> cache -> PreTrainedModel -> Model -> ForCausalLM.
 """
 
 import json
+import os
 from collections.abc import Callable
 
 import torch
@@ -463,6 +464,11 @@ def memory_scan(
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         out, *state = _MemoryScanFunction.apply(chunk_size, activation, len(weights), select_chunk, *tensors)
         return out, tuple(state[: len(weights)]), tuple(state[len(weights) :])
+    if _use_triton_scan(tensors, len(weights), chunk_size, activation, select_chunk):
+        out, new_w, new_s, _ = _triton_scan_forward(
+            weights, momentum, initial, (q, k, v, *coefficients), chunk_size, activation, keep_states=False
+        )
+        return out, new_w, new_s
     out, new_w, new_s, _ = _scan_chunks(
         weights, momentum, (q, k, v, *coefficients), chunk_size, activation, select_chunk, initial or None
     )
@@ -520,9 +526,15 @@ class _MemoryScanFunction(torch.autograd.Function):
         weights, momentum = tensors[:depth], tensors[depth : 2 * depth]
         initial = tensors[2 * depth : -_SEQUENCE_INPUTS] or None
         sequence = tensors[-_SEQUENCE_INPUTS:]
-        out, new_w, new_s, boundaries = _scan_chunks(
-            weights, momentum, sequence, chunk_size, activation, select_chunk, initial, keep_states=True
-        )
+        ctx.triton = _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk)
+        if ctx.triton:  # fused kernel; `boundaries` are its (n_chunks + 1)-slot state buffers
+            out, new_w, new_s, boundaries = _triton_scan_forward(
+                weights, momentum, initial, sequence, chunk_size, activation, keep_states=True
+            )
+        else:
+            out, new_w, new_s, boundaries = _scan_chunks(
+                weights, momentum, sequence, chunk_size, activation, select_chunk, initial, keep_states=True
+            )
         ctx.chunk_size, ctx.activation, ctx.depth, ctx.select_chunk = chunk_size, activation, depth, select_chunk
         ctx.boundaries = boundaries
         ctx.save_for_backward(*tensors)
@@ -543,6 +555,12 @@ class _MemoryScanFunction(torch.autograd.Function):
             grad_w, grad_s = grad_sel_w, grad_sel_s
         else:
             grad_w, grad_s = zero(grad_sel_w), zero(grad_sel_s)
+        if ctx.triton:
+            # TODO triton backward; the PyTorch backward reads the kernel's boundary buffers
+            states_w, states_s = ctx.boundaries
+            ctx.boundaries = [
+                (tuple(b[c] for b in states_w), tuple(b[c] for b in states_s)) for c in range(len(inputs))
+            ]
         for c in reversed(range(len(inputs))):
             if select_chunk is not None:
                 grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, c + 1, grad_sel_w, zero(grad_w))))
@@ -563,6 +581,248 @@ class _MemoryScanFunction(torch.autograd.Function):
             for i, pieces in enumerate(zip(*grad_pieces))
         ]
         return (None, None, None, None, *grad_w, *grad_s, *grad_initial, *grad_sequence)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optional fused Triton kernels for the chunk-parallel memory scan (forward and backward).
+#
+# The PyTorch scan above launches ~40 small kernels per chunk forward and ~100 backward, one chunk after the other;
+# at long contexts the launches, not the FLOPs, dominate. Here one program per (batch, head) runs the whole scan over
+# the chunks: one launch per layer forward, one backward. Same math as `memory_chunk_update` (forward, Eq. 16-18,
+# D7, D19) and `memory_chunk_update_backward` (backward), fp32 state and accumulation; the PyTorch code stays the
+# reference and the fallback (CPU, unsupported shapes, ragged `select_chunk`, torch.compile, TITANS_MEMORY_KERNEL).
+#
+# The chunk-boundary states live in a global fp32 buffer (n_chunks + 1 slots, or 2 when only the final state is
+# wanted) rather than in loop-carried registers: a depth-2 state at d=64, E=128 is 128 KB. The forward writes slot
+# c + 1 and the next iteration reads it back; the backward reads the boundary state of chunk c from that buffer, as
+# the PyTorch backward does, and carries the state gradients in a 2-slot scratch buffer. Each program only touches
+# its own (batch, head) slice; `tl.debug_barrier()` orders the write of one iteration before the reads of the next
+# across the threads of the program.
+# ----------------------------------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU users without triton lose nothing: the PyTorch scan is always there
+    triton = None
+
+_TRITON_ACTIVATIONS = {"silu": 0, "gelu": 1, "tanh": 2}
+# dot precision of the kernels: "ieee" is exact fp32 (matches the PyTorch path to ~1e-5); "tf32" is faster on
+# tensor cores but its 10-bit mantissa gives ~1e-3 relative error per matmul, compounding along the scan.
+_TRITON_PRECISION = os.environ.get("TITANS_MEMORY_KERNEL_PRECISION", "ieee")
+
+
+def _memory_kernel_mode() -> str:
+    mode = os.environ.get("TITANS_MEMORY_KERNEL", "auto").lower()
+    return mode if mode in ("auto", "triton", "torch") else "auto"
+
+
+def _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk) -> bool:
+    """Whether the fused kernels run this scan: TITANS_MEMORY_KERNEL is `auto` (CUDA tensors) or `triton` (CUDA, or
+    CPU under TRITON_INTERPRET=1 for testing), triton imports, not inside torch.compile, no ragged `select_chunk`,
+    depth 1 or 2, a known activation, fp32 everywhere, and d, E, chunk size powers of two >= 16 (tl.dot tiles)."""
+    mode = _memory_kernel_mode()
+    if triton is None or mode == "torch" or select_chunk is not None or depth not in (1, 2):
+        return False
+    if activation not in _TRITON_ACTIVATIONS or torch.compiler.is_compiling():
+        return False
+    q = tensors[-_SEQUENCE_INPUTS]
+    on_device = q.is_cuda or (mode == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+    if not on_device or any(t.dtype != torch.float32 or t.device != q.device for t in tensors):
+        return False
+    pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
+    dims = {q.shape[-1], chunk_size} | {n for w in tensors[:depth] for n in w.shape[-2:]}
+    return all(pow2(n) for n in dims) and q.shape[-2] % chunk_size == 0 and q.shape[-2] > 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tk_act(z, ACT: tl.constexpr):  # σ
+        if ACT == 0:
+            y = z * tl.sigmoid(z)
+        elif ACT == 1:
+            y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        else:
+            y = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+        return y
+
+    @triton.jit
+    def _tk_act_grad(z, ACT: tl.constexpr):  # σ'
+        if ACT == 0:
+            s = tl.sigmoid(z)
+            y = s * (1.0 + z * (1.0 - s))
+        elif ACT == 1:
+            y = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+        else:
+            t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+            y = 1.0 - t * t
+        return y
+
+    @triton.jit
+    def _tk_act_grad2(z, ACT: tl.constexpr):  # σ''
+        if ACT == 0:
+            s = tl.sigmoid(z)
+            y = s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+        elif ACT == 1:
+            y = tl.exp(-0.5 * z * z) * 0.3989422804014327 * (2.0 - z * z)
+        else:
+            t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+            y = -2.0 * t * (1.0 - t * t)
+        return y
+
+    @triton.jit
+    def _tk_mm(a, b, PREC: tl.constexpr):  # a @ b
+        return tl.dot(a, b, input_precision=PREC)
+
+    @triton.jit
+    def _tk_mm_nt(a, b, PREC: tl.constexpr):  # a @ bᵀ
+        return tl.dot(a, tl.trans(b), input_precision=PREC)
+
+    @triton.jit
+    def _tk_mm_tn(a, b, PREC: tl.constexpr):  # aᵀ @ b
+        return tl.dot(tl.trans(a), b, input_precision=PREC)
+
+    @triton.jit
+    def _tk_load(ptr, R: tl.constexpr, K: tl.constexpr):  # row-major (R, K) tile; state reads bypass L1
+        rows, cols = tl.arange(0, R), tl.arange(0, K)
+        return tl.load(ptr + rows[:, None] * K + cols[None, :], cache_modifier=".cg")
+
+    @triton.jit
+    def _tk_store(ptr, x, R: tl.constexpr, K: tl.constexpr):
+        rows, cols = tl.arange(0, R), tl.arange(0, K)
+        tl.store(ptr + rows[:, None] * K + cols[None, :], x)
+
+    @triton.jit
+    def _tk_retrieve(h, w, s, init, inp, delta, gs, beta, f, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+        """Pre-activation of one memory layer at every token's own weights M_i, by the dual form:
+        z = β h Wᵀ + f h Sᵀ + (1 - β) h M_initᵀ - (G ∘ h aᵀ) δ (`memory_chunk_update`)."""
+        z = beta[:, None] * _tk_mm_nt(h, w, PREC) + f[:, None] * _tk_mm_nt(h, s, PREC)
+        if HAS_INIT:
+            z += (1.0 - beta[:, None]) * _tk_mm_nt(h, init, PREC)
+        return z - _tk_mm(gs * _tk_mm_nt(h, inp, PREC), delta, PREC)
+
+    @triton.jit
+    def _tk_new_state(w, s, init, inp, delta, g_last, n_last, beta_l, f_l, m_l, HAS_INIT: tl.constexpr,
+                      PREC: tl.constexpr):
+        """Chunk-end weights and momentum: W' = β_b W + f_b S - (δ ∘ g_b)ᵀ a + (1 - β_b) M_init, S' = m_b S - (δ ∘ n)ᵀ a."""
+        new_w = beta_l * w + f_l * s - _tk_mm_tn(delta * g_last[:, None], inp, PREC)
+        if HAS_INIT:
+            new_w += (1.0 - beta_l) * init
+        new_s = m_l * s - _tk_mm_tn(delta * n_last[:, None], inp, PREC)
+        return new_w, new_s
+
+    @triton.jit
+    def _tk_scan_fwd(
+        q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr,
+        w0_ptr, s0_ptr, i0_ptr, w1_ptr, s1_ptr, i1_ptr, out_ptr,
+        n_chunks, heads, state_slots, BH,
+        D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
+        HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0).to(tl.int64)
+        head = pid % heads
+        rc, rd = tl.arange(0, C), tl.arange(0, D)
+        T = n_chunks * C
+        for c in range(n_chunks):
+            tok = pid * T + c * C  # first token of the chunk in the flattened (B*H*T) rows
+            q = _tk_load(q_ptr + tok * D, C, D)
+            k = _tk_load(k_ptr + tok * D, C, D)
+            v = _tk_load(v_ptr + tok * D, C, D)
+            gs = _tk_load(g_ptr + tok * C, C, C)
+            g_last = tl.load(g_ptr + (tok + C - 1) * C + rc)
+            n_last = tl.load(nl_ptr + tok + rc)
+            beta = tl.load(beta_ptr + tok + rc)
+            f = tl.load(f_ptr + tok + rc)
+            beta_l = tl.load(beta_ptr + tok + C - 1)
+            f_l = tl.load(f_ptr + tok + C - 1)
+            m_l = tl.load(m_ptr + tok + C - 1)
+            cur = (c % state_slots) * BH + pid
+            nxt = ((c + 1) % state_slots) * BH + pid
+            r0 = 1.0 / (1.0 + tl.sum(k * k, 1))  # D19 normalisation of the layer-0 input (the key)
+            if DEPTH == 1:
+                w0 = _tk_load(w0_ptr + cur * D * D, D, D)
+                s0 = _tk_load(s0_ptr + cur * D * D, D, D)
+                i0 = w0
+                if HAS_INIT:
+                    i0 = _tk_load(i0_ptr + head * D * D, D, D)
+                # gradient factors at the chunk-start weights (Eq. 12, 16): δ = 2 (W k - v) / (1 + |k|²)
+                d0 = 2.0 * (_tk_mm_nt(k, w0, PREC) - v) * r0[:, None]
+                out = _tk_retrieve(q, w0, s0, i0, k, d0, gs, beta, f, HAS_INIT, PREC)
+                new_w0, new_s0 = _tk_new_state(w0, s0, i0, k, d0, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
+                _tk_store(w0_ptr + nxt * D * D, new_w0, D, D)
+                _tk_store(s0_ptr + nxt * D * D, new_s0, D, D)
+            else:
+                w0 = _tk_load(w0_ptr + cur * E * D, E, D)
+                w1 = _tk_load(w1_ptr + cur * D * E, D, E)
+                # forward on the keys with the residual M(k) = k + W1 σ(W0 k), then the analytic deltas
+                z0 = _tk_mm_nt(k, w0, PREC)
+                a1 = _tk_act(z0, ACT)
+                raw1 = 2.0 * (_tk_mm_nt(a1, w1, PREC) + k - v)
+                raw0 = _tk_mm(raw1, w1, PREC) * _tk_act_grad(z0, ACT)
+                d0 = raw0 * r0[:, None]
+                d1 = raw1 * (1.0 / (1.0 + tl.sum(a1 * a1, 1)))[:, None]
+                s0 = _tk_load(s0_ptr + cur * E * D, E, D)
+                s1 = _tk_load(s1_ptr + cur * D * E, D, E)
+                i0 = w0
+                i1 = w1
+                if HAS_INIT:
+                    i0 = _tk_load(i0_ptr + head * E * D, E, D)
+                    i1 = _tk_load(i1_ptr + head * D * E, D, E)
+                h1 = _tk_act(_tk_retrieve(q, w0, s0, i0, k, d0, gs, beta, f, HAS_INIT, PREC), ACT)
+                out = _tk_retrieve(h1, w1, s1, i1, a1, d1, gs, beta, f, HAS_INIT, PREC) + q
+                new_w0, new_s0 = _tk_new_state(w0, s0, i0, k, d0, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
+                _tk_store(w0_ptr + nxt * E * D, new_w0, E, D)
+                _tk_store(s0_ptr + nxt * E * D, new_s0, E, D)
+                new_w1, new_s1 = _tk_new_state(w1, s1, i1, a1, d1, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
+                _tk_store(w1_ptr + nxt * D * E, new_w1, D, E)
+                _tk_store(s1_ptr + nxt * D * E, new_s1, D, E)
+            _tk_store(out_ptr + tok * D, out, C, D)
+            tl.debug_barrier()  # slot c + 1 written by all threads before the next iteration reads it
+
+
+def _triton_layer_dims(weights):
+    return [tuple(w.shape[-2:]) for w in weights]
+
+
+def _triton_args(depth, layers, placeholder):
+    """Pointers of layer 1 for depth 1 are never read: any tensor will do."""
+    return layers if depth == 2 else (*layers, *([placeholder] * (2 - len(layers))))
+
+
+def _triton_scan_forward(weights, momentum, initial, sequence, chunk_size, activation, keep_states):
+    """Fused forward scan. Returns (outputs, final weights, final momentum, boundary states or None); the boundary
+    states are the (n_chunks + 1, B, H, d_out, d_in) buffers per layer, slot c = state at the start of chunk c."""
+    q, k, v, g, n_last, beta, f, m = (t.contiguous() for t in sequence)
+    depth, (B, H, T, D) = len(weights), q.shape
+    n_chunks = T // chunk_size
+    E = weights[0].shape[-2] if depth == 2 else D
+    slots = n_chunks + 1 if keep_states else 2
+    states_w, states_s = [], []
+    for w, s in zip(weights, momentum):
+        buf_w = q.new_empty(slots, B, H, *w.shape[-2:])
+        buf_s = q.new_empty(slots, B, H, *s.shape[-2:])
+        buf_w[0] = w
+        buf_s[0] = s
+        states_w.append(buf_w)
+        states_s.append(buf_s)
+    init = [t.contiguous() for t in initial] if initial else [q] * depth
+    out = torch.empty_like(q)
+    w_args = _triton_args(depth, states_w, q)
+    s_args = _triton_args(depth, states_s, q)
+    i_args = _triton_args(depth, init, q)
+    _tk_scan_fwd[(B * H,)](
+        q, k, v, g, n_last, beta, f, m,
+        w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], out,
+        n_chunks, H, slots, B * H,
+        D=D, E=E, C=chunk_size, DEPTH=depth, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
+        PREC=_TRITON_PRECISION, num_warps=8 if E >= 128 else 4,
+    )  # fmt: skip
+    last = n_chunks % slots
+    final_w = tuple(b[last].clone() for b in states_w)
+    final_s = tuple(b[last].clone() for b in states_s)
+    return out, final_w, final_s, ((states_w, states_s) if keep_states else None)
+
 
 
 def _compact(x: torch.Tensor, valid: torch.Tensor):
