@@ -547,6 +547,14 @@ class _MemoryScanFunction(torch.autograd.Function):
         initial = tuple(t.detach() for t in tensors[2 * depth : -_SEQUENCE_INPUTS])
         sequence = tensors[-_SEQUENCE_INPUTS:]
         grad_sel_w, grad_sel_s = grad_state[:depth], grad_state[depth:]
+        if ctx.triton:  # one fused launch (see the Triton section below)
+            grad_w, grad_s, grad_initial, grad_sequence = _triton_scan_backward(
+                ctx.boundaries, initial, sequence, grad_out, grad_sel_w, grad_sel_s, chunk_size, ctx.activation
+            )
+            ctx.boundaries = None
+            grad_w = tuple(g.sum_to_size(w.shape) for g, w in zip(grad_w, tensors[:depth]))
+            grad_s = tuple(g.sum_to_size(s.shape) for g, s in zip(grad_s, tensors[depth : 2 * depth]))
+            return (None, None, None, None, *grad_w, *grad_s, *grad_initial, *grad_sequence)
         grad_pieces = []  # per chunk, last chunk first; concatenated at the end (no in-place writes: compile-safe)
         grad_initial = [torch.zeros_like(t) for t in initial]
         inputs = _chunks(sequence, chunk_size)
@@ -555,12 +563,6 @@ class _MemoryScanFunction(torch.autograd.Function):
             grad_w, grad_s = grad_sel_w, grad_sel_s
         else:
             grad_w, grad_s = zero(grad_sel_w), zero(grad_sel_s)
-        if ctx.triton:
-            # TODO triton backward; the PyTorch backward reads the kernel's boundary buffers
-            states_w, states_s = ctx.boundaries
-            ctx.boundaries = [
-                (tuple(b[c] for b in states_w), tuple(b[c] for b in states_s)) for c in range(len(inputs))
-            ]
         for c in reversed(range(len(inputs))):
             if select_chunk is not None:
                 grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, c + 1, grad_sel_w, zero(grad_w))))
@@ -780,9 +782,225 @@ if triton is not None:
             _tk_store(out_ptr + tok * D, out, C, D)
             tl.debug_barrier()  # slot c + 1 written by all threads before the next iteration reads it
 
+    @triton.jit
+    def _tk_state_bwd(dw, ds, w, s, init, inp, delta, g_last, n_last, beta_l, f_l, m_l, HAS_INIT: tl.constexpr,
+                      PREC: tl.constexpr):
+        """Backward of the chunk-end state W' = β_b W + f_b S - (δ ∘ g_b)ᵀ a + (1 - β_b) M_init, S' = m_b S - (δ ∘ n)ᵀ a
+        of one layer, given dW', dS'. Returns the W, S gradients so far, W - M_init (what β scales), the scalar
+        gradients of β_b, f_b, m_b, and those of δ, g_b (row), n, a."""
+        gw = beta_l * dw
+        gs = f_l * dw + m_l * ds
+        kept = w
+        if HAS_INIT:
+            kept = w - init
+        g_beta_l = tl.sum(tl.sum(dw * kept, 1), 0)
+        g_f_l = tl.sum(tl.sum(dw * s, 1), 0)
+        g_m_l = tl.sum(tl.sum(ds * s, 1), 0)
+        a_dw = _tk_mm_nt(inp, dw, PREC)
+        a_ds = _tk_mm_nt(inp, ds, PREC)
+        g_delta = -g_last[:, None] * a_dw - n_last[:, None] * a_ds
+        g_g_last = -tl.sum(delta * a_dw, 1)
+        g_n_last = -tl.sum(delta * a_ds, 1)
+        g_inp = -_tk_mm(delta * g_last[:, None], dw, PREC) - _tk_mm(delta * n_last[:, None], ds, PREC)
+        return gw, gs, kept, g_beta_l, g_f_l, g_m_l, g_delta, g_g_last, g_n_last, g_inp
 
-def _triton_layer_dims(weights):
-    return [tuple(w.shape[-2:]) for w in weights]
+    @triton.jit
+    def _tk_retrieve_bwd(dz, h, kept, s, init, inp, delta, gs, beta, f, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+        """Backward of `_tk_retrieve` (written as z = β h (W - M_init)ᵀ + h M_initᵀ + f h Sᵀ - (G ∘ h aᵀ) δ) given dz:
+        gradients of h, β, f (per token), W, S, M_init, δ, G, a."""
+        back_kept = _tk_mm(dz, kept, PREC)
+        back_s = _tk_mm(dz, s, PREC)
+        g_h = beta[:, None] * back_kept + f[:, None] * back_s
+        g_beta = tl.sum(h * back_kept, 1)
+        g_f = tl.sum(h * back_s, 1)
+        gw = _tk_mm_tn(beta[:, None] * dz, h, PREC)
+        gs_ = _tk_mm_tn(f[:, None] * dz, h, PREC)
+        gi = gw
+        if HAS_INIT:
+            g_h += _tk_mm(dz, init, PREC)
+            gi = _tk_mm_tn((1.0 - beta[:, None]) * dz, h, PREC)
+        score = _tk_mm_nt(h, inp, PREC)
+        g_score = -_tk_mm_nt(dz, delta, PREC)
+        g_delta = -_tk_mm_tn(gs * score, dz, PREC)
+        g_g = score * g_score
+        g_score = gs * g_score
+        g_h += _tk_mm(g_score, inp, PREC)
+        g_inp = _tk_mm_tn(g_score, h, PREC)
+        return g_h, g_beta, g_f, gw, gs_, gi, g_delta, g_g, g_inp
+
+    @triton.jit
+    def _tk_scan_bwd(
+        q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr,
+        w0_ptr, s0_ptr, i0_ptr, w1_ptr, s1_ptr, i1_ptr, dout_ptr,
+        dw0_ptr, ds0_ptr, dw1_ptr, ds1_ptr, di0_ptr, di1_ptr,
+        dq_ptr, dk_ptr, dv_ptr, dg_ptr, dnl_ptr, dbeta_ptr, df_ptr, dm_ptr,
+        n_chunks, heads, BH,
+        D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
+        HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        """Backward of `_tk_scan_fwd`: chunks in reverse; the boundary state of chunk c is read from the forward's
+        buffers (slot c), the gradients of the chunk-end state from the 2-slot scratch (slot (c + 1) % 2), and those
+        of the chunk-start state go to slot c % 2. The M_init gradients accumulate per (batch, head) in di*."""
+        pid = tl.program_id(0).to(tl.int64)
+        head = pid % heads
+        rc, rd = tl.arange(0, C), tl.arange(0, D)
+        T = n_chunks * C
+        last_row = rc == C - 1
+        for step in range(n_chunks):
+            c = n_chunks - 1 - step
+            tok = pid * T + c * C
+            q = _tk_load(q_ptr + tok * D, C, D)
+            k = _tk_load(k_ptr + tok * D, C, D)
+            v = _tk_load(v_ptr + tok * D, C, D)
+            dout = _tk_load(dout_ptr + tok * D, C, D)
+            gs = _tk_load(g_ptr + tok * C, C, C)
+            g_last = tl.load(g_ptr + (tok + C - 1) * C + rc)
+            n_last = tl.load(nl_ptr + tok + rc)
+            beta = tl.load(beta_ptr + tok + rc)
+            f = tl.load(f_ptr + tok + rc)
+            beta_l = tl.load(beta_ptr + tok + C - 1)
+            f_l = tl.load(f_ptr + tok + C - 1)
+            m_l = tl.load(m_ptr + tok + C - 1)
+            cur = c * BH + pid  # boundary state of chunk c
+            g_in = ((c + 1) % 2) * BH + pid  # gradient of the chunk-end state
+            g_out = (c % 2) * BH + pid  # gradient of the chunk-start state
+            r0 = 1.0 / (1.0 + tl.sum(k * k, 1))
+            if DEPTH == 1:
+                w0 = _tk_load(w0_ptr + cur * D * D, D, D)
+                s0 = _tk_load(s0_ptr + cur * D * D, D, D)
+                i0 = w0
+                if HAS_INIT:
+                    i0 = _tk_load(i0_ptr + head * D * D, D, D)
+                raw0 = 2.0 * (_tk_mm_nt(k, w0, PREC) - v)
+                d0 = raw0 * r0[:, None]
+                dw0 = _tk_load(dw0_ptr + g_in * D * D, D, D)
+                ds0 = _tk_load(ds0_ptr + g_in * D * D, D, D)
+                gw0, gs0, kept0, g_beta_l, g_f_l, g_m_l, gd0, g_g_last, g_n, ga0 = _tk_state_bwd(
+                    dw0, ds0, w0, s0, i0, k, d0, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
+                gi0 = (1.0 - beta_l) * dw0
+                # retrieval (single layer, no residual): out = z
+                g_h, g_beta, g_f, gw_, gs_, gi_, gd_, g_g, ga_ = _tk_retrieve_bwd(
+                    dout, q, kept0, s0, i0, k, d0, gs, beta, f, HAS_INIT, PREC)
+                gw0 += gw_
+                gs0 += gs_
+                gi0 += gi_
+                gd0 += gd_
+                ga0 += ga_
+                g_q = g_h
+                # D19 normalisation δ = raw r, r = 1 / (1 + |k|²)
+                along = tl.sum(gd0 * raw0, 1)
+                ga0 -= (2.0 * along * r0 * r0)[:, None] * k
+                gd0 = gd0 * r0[:, None]
+                g_pred = 2.0 * gd0
+                g_v = -g_pred
+                gw0 += _tk_mm_tn(g_pred, k, PREC)
+                g_k = ga0 + _tk_mm(g_pred, w0, PREC)
+                if HAS_INIT:  # load, barrier, store: a thread must not overwrite what another has yet to read
+                    acc0 = _tk_load(di0_ptr + pid * D * D, D, D)
+                    tl.debug_barrier()
+                    _tk_store(di0_ptr + pid * D * D, acc0 + gi0, D, D)
+                _tk_store(ds0_ptr + g_out * D * D, gs0, D, D)
+                _tk_store(dw0_ptr + g_out * D * D, gw0, D, D)
+            else:
+                w0 = _tk_load(w0_ptr + cur * E * D, E, D)
+                w1 = _tk_load(w1_ptr + cur * D * E, D, E)
+                z0 = _tk_mm_nt(k, w0, PREC)
+                a1 = _tk_act(z0, ACT)
+                slope0 = _tk_act_grad(z0, ACT)
+                raw1 = 2.0 * (_tk_mm_nt(a1, w1, PREC) + k - v)
+                carried0 = _tk_mm(raw1, w1, PREC)
+                raw0 = carried0 * slope0
+                r1 = 1.0 / (1.0 + tl.sum(a1 * a1, 1))
+                d0 = raw0 * r0[:, None]
+                d1 = raw1 * r1[:, None]
+                s0 = _tk_load(s0_ptr + cur * E * D, E, D)
+                s1 = _tk_load(s1_ptr + cur * D * E, D, E)
+                i0 = w0
+                i1 = w1
+                if HAS_INIT:
+                    i0 = _tk_load(i0_ptr + head * E * D, E, D)
+                    i1 = _tk_load(i1_ptr + head * D * E, D, E)
+                # chunk-end states
+                dw0 = _tk_load(dw0_ptr + g_in * E * D, E, D)
+                ds0 = _tk_load(ds0_ptr + g_in * E * D, E, D)
+                gw0, gs0, kept0, g_beta_l, g_f_l, g_m_l, gd0, g_g_last, g_n, ga0 = _tk_state_bwd(
+                    dw0, ds0, w0, s0, i0, k, d0, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
+                gi0 = (1.0 - beta_l) * dw0
+                dw1 = _tk_load(dw1_ptr + g_in * D * E, D, E)
+                ds1 = _tk_load(ds1_ptr + g_in * D * E, D, E)
+                gw1, gs1, kept1, gb1, gf1, gm1, gd1, gg1, gn1, ga1 = _tk_state_bwd(
+                    dw1, ds1, w1, s1, i1, a1, d1, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
+                gi1 = (1.0 - beta_l) * dw1
+                g_beta_l += gb1
+                g_f_l += gf1
+                g_m_l += gm1
+                g_g_last += gg1
+                g_n += gn1
+                # retrieval: recompute h1 = σ(z) of layer 0, then back from the output (residual: out = z1 + q)
+                zq = _tk_mm_nt(q, kept0, PREC) * beta[:, None] + _tk_mm_nt(q, s0, PREC) * f[:, None]
+                zq -= _tk_mm(gs * _tk_mm_nt(q, k, PREC), d0, PREC)
+                if HAS_INIT:
+                    zq += _tk_mm_nt(q, i0, PREC)
+                h1 = _tk_act(zq, ACT)
+                g_h, g_beta, g_f, gw_, gs_, gi_, gd_, g_g, ga_ = _tk_retrieve_bwd(
+                    dout, h1, kept1, s1, i1, a1, d1, gs, beta, f, HAS_INIT, PREC)
+                gw1 += gw_
+                gs1 += gs_
+                gi1 += gi_
+                gd1 += gd_
+                ga1 += ga_
+                g_h, g_beta_, g_f_, gw_, gs_, gi_, gd_, g_g_, ga_ = _tk_retrieve_bwd(
+                    g_h * _tk_act_grad(zq, ACT), q, kept0, s0, i0, k, d0, gs, beta, f, HAS_INIT, PREC)
+                g_beta += g_beta_
+                g_f += g_f_
+                g_g += g_g_
+                gw0 += gw_
+                gs0 += gs_
+                gi0 += gi_
+                gd0 += gd_
+                ga0 += ga_
+                g_q = dout + g_h
+                # D19 normalisation of both layers' deltas
+                along0 = tl.sum(gd0 * raw0, 1)
+                ga0 -= (2.0 * along0 * r0 * r0)[:, None] * k
+                gd0 = gd0 * r0[:, None]
+                along1 = tl.sum(gd1 * raw1, 1)
+                ga1 -= (2.0 * along1 * r1 * r1)[:, None] * a1
+                gd1 = gd1 * r1[:, None]
+                # δ_0 = (δ_1 W_1) ∘ σ'(z_0): needs σ''
+                g_carried = gd0 * slope0
+                g_pre0 = gd0 * carried0 * _tk_act_grad2(z0, ACT)
+                gd1 += _tk_mm_nt(g_carried, w1, PREC)
+                gw1 += _tk_mm_tn(raw1, g_carried, PREC)
+                g_pred = 2.0 * gd1
+                g_v = -g_pred
+                # forward on the keys: a_1 = σ(k W_0ᵀ), M(k) = a_1 W_1ᵀ + k
+                gw1 += _tk_mm_tn(g_pred, a1, PREC)
+                g_a1 = ga1 + _tk_mm(g_pred, w1, PREC)
+                dz0 = g_a1 * slope0 + g_pre0
+                gw0 += _tk_mm_tn(dz0, k, PREC)
+                g_k = g_pred + ga0 + _tk_mm(dz0, w0, PREC)
+                if HAS_INIT:  # load, barrier, store: a thread must not overwrite what another has yet to read
+                    acc0 = _tk_load(di0_ptr + pid * E * D, E, D)
+                    acc1 = _tk_load(di1_ptr + pid * D * E, D, E)
+                    tl.debug_barrier()
+                    _tk_store(di0_ptr + pid * E * D, acc0 + gi0, E, D)
+                    _tk_store(di1_ptr + pid * D * E, acc1 + gi1, D, E)
+                _tk_store(dw0_ptr + g_out * E * D, gw0, E, D)
+                _tk_store(ds0_ptr + g_out * E * D, gs0, E, D)
+                _tk_store(dw1_ptr + g_out * D * E, gw1, D, E)
+                _tk_store(ds1_ptr + g_out * D * E, gs1, D, E)
+            _tk_store(dq_ptr + tok * D, g_q, C, D)
+            _tk_store(dk_ptr + tok * D, g_k, C, D)
+            _tk_store(dv_ptr + tok * D, g_v, C, D)
+            # row b of G, β_b, f_b, m_b also reach the chunk end
+            _tk_store(dg_ptr + tok * C, g_g + tl.where(last_row[:, None], g_g_last[None, :], 0.0), C, C)
+            tl.store(dnl_ptr + tok + rc, g_n)
+            tl.store(dbeta_ptr + tok + rc, g_beta + tl.where(last_row, g_beta_l, 0.0))
+            tl.store(df_ptr + tok + rc, g_f + tl.where(last_row, g_f_l, 0.0))
+            tl.store(dm_ptr + tok + rc, tl.where(last_row, g_m_l, 0.0))
+            tl.debug_barrier()  # slot c % 2 written by all threads before chunk c - 1 reads it
+
 
 
 def _triton_args(depth, layers, placeholder):
@@ -823,6 +1041,40 @@ def _triton_scan_forward(weights, momentum, initial, sequence, chunk_size, activ
     final_s = tuple(b[last].clone() for b in states_s)
     return out, final_w, final_s, ((states_w, states_s) if keep_states else None)
 
+
+
+def _triton_scan_backward(boundaries, initial, sequence, grad_out, grad_w, grad_s, chunk_size, activation):
+    """Fused backward scan from the forward's boundary buffers. Returns the gradients of (weights, momentum) at the
+    scan start (batch B), of `initial` (batch 1, summed over the batch) and of the 8 sequence inputs."""
+    states_w, states_s = boundaries
+    q, k, v, g, n_last, beta, f, m = (t.contiguous() for t in sequence)
+    depth, (B, H, T, D) = len(states_w), q.shape
+    n_chunks = T // chunk_size
+    E = states_w[0].shape[-2] if depth == 2 else D
+    scratch_w, scratch_s = [], []
+    for buf, grad in zip((*states_w, *states_s), (*grad_w, *grad_s)):
+        scratch = q.new_zeros(2, *buf.shape[1:])
+        if grad is not None:
+            scratch[n_chunks % 2] = grad
+        (scratch_w if len(scratch_w) < depth else scratch_s).append(scratch)
+    grad_init = [q.new_zeros(B, H, *t.shape[-2:]) for t in initial] if initial else [q] * depth
+    init = [t.contiguous() for t in initial] if initial else [q] * depth
+    grads = [torch.empty_like(t) for t in (q, k, v, g, n_last, beta, f, m)]
+    w_args, s_args = _triton_args(depth, states_w, q), _triton_args(depth, states_s, q)
+    i_args, di_args = _triton_args(depth, init, q), _triton_args(depth, grad_init, q)
+    dw_args, ds_args = _triton_args(depth, scratch_w, q), _triton_args(depth, scratch_s, q)
+    grad_out = q.new_zeros(()).expand_as(q).contiguous() if grad_out is None else grad_out.contiguous()
+    _tk_scan_bwd[(B * H,)](
+        q, k, v, g, n_last, beta, f, m,
+        w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], grad_out,
+        dw_args[0], ds_args[0], dw_args[1], ds_args[1], di_args[0], di_args[1],
+        *grads,
+        n_chunks, H, B * H,
+        D=D, E=E, C=chunk_size, DEPTH=depth, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
+        PREC=_TRITON_PRECISION, num_warps=8 if E >= 128 else 4,
+    )  # fmt: skip
+    grad_initial = tuple(t.sum(0, keepdim=True) for t in grad_init) if initial else ()
+    return tuple(t[0] for t in scratch_w), tuple(t[0] for t in scratch_s), grad_initial, grads
 
 
 def _compact(x: torch.Tensor, valid: torch.Tensor):
