@@ -1034,7 +1034,7 @@ def _triton_scan_forward(weights, momentum, initial, sequence, chunk_size, activ
         w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], out,
         n_chunks, H, slots, B * H,
         D=D, E=E, C=chunk_size, DEPTH=depth, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
-        PREC=_TRITON_PRECISION, num_warps=8 if E >= 128 else 4,
+        PREC=_TRITON_PRECISION, num_warps=8 if E >= 128 else 4, num_stages=1,
     )  # fmt: skip
     last = n_chunks % slots
     final_w = tuple(b[last].clone() for b in states_w)
@@ -1071,7 +1071,7 @@ def _triton_scan_backward(boundaries, initial, sequence, grad_out, grad_w, grad_
         *grads,
         n_chunks, H, B * H,
         D=D, E=E, C=chunk_size, DEPTH=depth, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
-        PREC=_TRITON_PRECISION, num_warps=8 if E >= 128 else 4,
+        PREC=_TRITON_PRECISION, num_warps=8 if E >= 128 else 4, num_stages=1,
     )  # fmt: skip
     grad_initial = tuple(t.sum(0, keepdim=True) for t in grad_init) if initial else ()
     return tuple(t[0] for t in scratch_w), tuple(t[0] for t in scratch_s), grad_initial, grads
