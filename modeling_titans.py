@@ -465,10 +465,13 @@ def memory_scan(
         out, *state = _MemoryScanFunction.apply(chunk_size, activation, len(weights), select_chunk, *tensors)
         return out, tuple(state[: len(weights)]), tuple(state[len(weights) :])
     if _use_triton_scan(tensors, len(weights), chunk_size, activation, select_chunk):
-        out, new_w, new_s, _ = _triton_scan_forward(
-            weights, momentum, initial, (q, k, v, *coefficients), chunk_size, activation, keep_states=False
-        )
-        return out, new_w, new_s
+        try:
+            out, new_w, new_s, _ = _triton_scan_forward(
+                weights, momentum, initial, (q, k, v, *coefficients), chunk_size, activation, keep_states=False
+            )
+            return out, new_w, new_s
+        except Exception as error:
+            _triton_failed(_triton_key(tensors, len(weights), chunk_size, activation, initial), error)
     out, new_w, new_s, _ = _scan_chunks(
         weights, momentum, (q, k, v, *coefficients), chunk_size, activation, select_chunk, initial or None
     )
@@ -527,11 +530,15 @@ class _MemoryScanFunction(torch.autograd.Function):
         initial = tensors[2 * depth : -_SEQUENCE_INPUTS] or None
         sequence = tensors[-_SEQUENCE_INPUTS:]
         ctx.triton = _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk)
-        if ctx.triton:  # fused kernel; `boundaries` are its (n_chunks + 1)-slot state buffers
-            out, new_w, new_s, boundaries = _triton_scan_forward(
-                weights, momentum, initial, sequence, chunk_size, activation, keep_states=True
-            )
-        else:
+        if ctx.triton:  # fused kernel (section below); `boundaries` are its (n_chunks + 1)-slot state buffers
+            try:
+                out, new_w, new_s, boundaries = _triton_scan_forward(
+                    weights, momentum, initial, sequence, chunk_size, activation, keep_states=True
+                )
+            except Exception as error:
+                _triton_failed(_triton_key(tensors, depth, chunk_size, activation, initial), error)
+                ctx.triton = False
+        if not ctx.triton:
             out, new_w, new_s, boundaries = _scan_chunks(
                 weights, momentum, sequence, chunk_size, activation, select_chunk, initial, keep_states=True
             )
@@ -547,14 +554,22 @@ class _MemoryScanFunction(torch.autograd.Function):
         initial = tuple(t.detach() for t in tensors[2 * depth : -_SEQUENCE_INPUTS])
         sequence = tensors[-_SEQUENCE_INPUTS:]
         grad_sel_w, grad_sel_s = grad_state[:depth], grad_state[depth:]
-        if ctx.triton:  # one fused launch (see the Triton section below)
-            grad_w, grad_s, grad_initial, grad_sequence = _triton_scan_backward(
-                ctx.boundaries, initial, sequence, grad_out, grad_sel_w, grad_sel_s, chunk_size, ctx.activation
-            )
-            ctx.boundaries = None
-            grad_w = tuple(g.sum_to_size(w.shape) for g, w in zip(grad_w, tensors[:depth]))
-            grad_s = tuple(g.sum_to_size(s.shape) for g, s in zip(grad_s, tensors[depth : 2 * depth]))
-            return (None, None, None, None, *grad_w, *grad_s, *grad_initial, *grad_sequence)
+        key = _triton_key(tensors, depth, chunk_size, ctx.activation, initial, backward=True)
+        if ctx.triton and key not in _TRITON_FAILED:  # one fused launch (see the Triton section below)
+            try:
+                grad_w, grad_s, grad_initial, grad_sequence = _triton_scan_backward(
+                    ctx.boundaries, initial, sequence, grad_out, grad_sel_w, grad_sel_s, chunk_size, ctx.activation
+                )
+                ctx.boundaries = None
+                grad_w = tuple(g.sum_to_size(w.shape) for g, w in zip(grad_w, tensors[:depth]))
+                grad_s = tuple(g.sum_to_size(s.shape) for g, s in zip(grad_s, tensors[depth : 2 * depth]))
+                return (None, None, None, None, *grad_w, *grad_s, *grad_initial, *grad_sequence)
+            except Exception as error:
+                _triton_failed(key, error)
+        if ctx.triton:  # the kernel's forward with the PyTorch backward: per-chunk views of its boundary buffers
+            states_w, states_s = ctx.boundaries
+            n_chunks = states_w[0].shape[0] - 1
+            ctx.boundaries = [(tuple(b[c] for b in states_w), tuple(b[c] for b in states_s)) for c in range(n_chunks)]
         grad_pieces = []  # per chunk, last chunk first; concatenated at the end (no in-place writes: compile-safe)
         grad_initial = [torch.zeros_like(t) for t in initial]
         inputs = _chunks(sequence, chunk_size)
@@ -619,6 +634,23 @@ def _memory_kernel_mode() -> str:
     return mode if mode in ("auto", "triton", "torch") else "auto"
 
 
+_TRITON_FAILED: dict = {}  # kernel configuration -> error, for kernels that failed to compile or launch
+
+
+def _triton_key(tensors, depth, chunk_size, activation, initial, backward=False):
+    q = tensors[-_SEQUENCE_INPUTS]
+    return (backward, depth, q.shape[-1], tensors[0].shape[-2], chunk_size, activation, bool(initial), str(q.device))
+
+
+def _triton_failed(key, error) -> None:
+    """Under TITANS_MEMORY_KERNEL=triton a kernel failure is an error; under `auto` (e.g. not enough shared memory
+    on a smaller GPU) that configuration falls back to the PyTorch scan from then on, with one warning."""
+    if _memory_kernel_mode() == "triton":
+        raise error
+    _TRITON_FAILED[key] = repr(error)
+    logger.warning_once(f"Titans memory Triton kernel failed ({error!r}); using the PyTorch scan for {key}.")
+
+
 def _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk) -> bool:
     """Whether the fused kernels run this scan: TITANS_MEMORY_KERNEL is `auto` (CUDA tensors) or `triton` (CUDA, or
     CPU under TRITON_INTERPRET=1 for testing), triton imports, not inside torch.compile, no ragged `select_chunk`,
@@ -634,7 +666,10 @@ def _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk) -> bo
         return False
     pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
     dims = {q.shape[-1], chunk_size} | {n for w in tensors[:depth] for n in w.shape[-2:]}
-    return all(pow2(n) for n in dims) and q.shape[-2] % chunk_size == 0 and q.shape[-2] > 0
+    if not all(pow2(n) for n in dims) or q.shape[-2] % chunk_size or q.shape[-2] == 0:
+        return False
+    initial = tensors[2 * depth : -_SEQUENCE_INPUTS]
+    return _triton_key(tensors, depth, chunk_size, activation, initial) not in _TRITON_FAILED
 
 
 if triton is not None:
@@ -696,23 +731,35 @@ if triton is not None:
         tl.store(ptr + rows[:, None] * K + cols[None, :], x)
 
     @triton.jit
-    def _tk_retrieve(h, w, s, init, inp, delta, gs, beta, f, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
-        """Pre-activation of one memory layer at every token's own weights M_i, by the dual form:
+    def _tk_load_t(ptr, R: tl.constexpr, K: tl.constexpr):  # the transpose (K, R) of a row-major (R, K) tile
+        rows, cols = tl.arange(0, R), tl.arange(0, K)
+        return tl.load(ptr + rows[None, :] * K + cols[:, None], cache_modifier=".cg")
+
+    # State tiles enter products through pointers, loaded (already transposed where needed) right before each
+    # product: a `tl.trans` of a tile used by several products keeps a shared-memory copy alive between them, and at
+    # d=64, E=128 six such 32 KB copies exceed the 227 KB of shared memory of an H100.
+
+    @triton.jit
+    def _tk_retrieve(h, w_ptr, s_ptr, i_ptr, inp, delta, gs, beta, f, O: tl.constexpr, I: tl.constexpr,
+                     HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+        """Pre-activation of one memory layer (O x I) at every token's own weights M_i, by the dual form:
         z = β h Wᵀ + f h Sᵀ + (1 - β) h M_initᵀ - (G ∘ h aᵀ) δ (`memory_chunk_update`)."""
-        z = beta[:, None] * _tk_mm_nt(h, w, PREC) + f[:, None] * _tk_mm_nt(h, s, PREC)
+        z = beta[:, None] * _tk_mm(h, _tk_load_t(w_ptr, O, I), PREC)
+        z += f[:, None] * _tk_mm(h, _tk_load_t(s_ptr, O, I), PREC)
         if HAS_INIT:
-            z += (1.0 - beta[:, None]) * _tk_mm_nt(h, init, PREC)
+            z += (1.0 - beta[:, None]) * _tk_mm(h, _tk_load_t(i_ptr, O, I), PREC)
         return z - _tk_mm(gs * _tk_mm_nt(h, inp, PREC), delta, PREC)
 
     @triton.jit
-    def _tk_new_state(w, s, init, inp, delta, g_last, n_last, beta_l, f_l, m_l, HAS_INIT: tl.constexpr,
-                      PREC: tl.constexpr):
+    def _tk_new_state(w_ptr, s_ptr, i_ptr, new_w_ptr, new_s_ptr, inp, delta, g_last, n_last, beta_l, f_l, m_l,
+                      O: tl.constexpr, I: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
         """Chunk-end weights and momentum: W' = β_b W + f_b S - (δ ∘ g_b)ᵀ a + (1 - β_b) M_init, S' = m_b S - (δ ∘ n)ᵀ a."""
-        new_w = beta_l * w + f_l * s - _tk_mm_tn(delta * g_last[:, None], inp, PREC)
+        s = _tk_load(s_ptr, O, I)
+        new_w = beta_l * _tk_load(w_ptr, O, I) + f_l * s - _tk_mm_tn(delta * g_last[:, None], inp, PREC)
         if HAS_INIT:
-            new_w += (1.0 - beta_l) * init
-        new_s = m_l * s - _tk_mm_tn(delta * n_last[:, None], inp, PREC)
-        return new_w, new_s
+            new_w += (1.0 - beta_l) * _tk_load(i_ptr, O, I)
+        _tk_store(new_w_ptr, new_w, O, I)
+        _tk_store(new_s_ptr, m_l * s - _tk_mm_tn(delta * n_last[:, None], inp, PREC), O, I)
 
     @triton.jit
     def _tk_scan_fwd(
@@ -722,9 +769,11 @@ if triton is not None:
         D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
         HAS_INIT: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
+        """Program (batch, head) runs `memory_chunk_update` over all chunks; slot c of the state buffers holds the
+        state at the start of chunk c (slot c % state_slots)."""
         pid = tl.program_id(0).to(tl.int64)
         head = pid % heads
-        rc, rd = tl.arange(0, C), tl.arange(0, D)
+        rc = tl.arange(0, C)
         T = n_chunks * C
         for c in range(n_chunks):
             tok = pid * T + c * C  # first token of the chunk in the flattened (B*H*T) rows
@@ -743,82 +792,80 @@ if triton is not None:
             nxt = ((c + 1) % state_slots) * BH + pid
             r0 = 1.0 / (1.0 + tl.sum(k * k, 1))  # D19 normalisation of the layer-0 input (the key)
             if DEPTH == 1:
-                w0 = _tk_load(w0_ptr + cur * D * D, D, D)
-                s0 = _tk_load(s0_ptr + cur * D * D, D, D)
-                i0 = w0
-                if HAS_INIT:
-                    i0 = _tk_load(i0_ptr + head * D * D, D, D)
+                w0, s0, i0 = w0_ptr + cur * D * D, s0_ptr + cur * D * D, i0_ptr + head * D * D
                 # gradient factors at the chunk-start weights (Eq. 12, 16): δ = 2 (W k - v) / (1 + |k|²)
-                d0 = 2.0 * (_tk_mm_nt(k, w0, PREC) - v) * r0[:, None]
-                out = _tk_retrieve(q, w0, s0, i0, k, d0, gs, beta, f, HAS_INIT, PREC)
-                new_w0, new_s0 = _tk_new_state(w0, s0, i0, k, d0, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
-                _tk_store(w0_ptr + nxt * D * D, new_w0, D, D)
-                _tk_store(s0_ptr + nxt * D * D, new_s0, D, D)
+                d0 = 2.0 * (_tk_mm(k, _tk_load_t(w0, D, D), PREC) - v) * r0[:, None]
+                out = _tk_retrieve(q, w0, s0, i0, k, d0, gs, beta, f, D, D, HAS_INIT, PREC)
+                _tk_new_state(w0, s0, i0, w0_ptr + nxt * D * D, s0_ptr + nxt * D * D, k, d0, g_last, n_last,
+                              beta_l, f_l, m_l, D, D, HAS_INIT, PREC)
             else:
-                w0 = _tk_load(w0_ptr + cur * E * D, E, D)
-                w1 = _tk_load(w1_ptr + cur * D * E, D, E)
+                w0, s0, i0 = w0_ptr + cur * E * D, s0_ptr + cur * E * D, i0_ptr + head * E * D
+                w1, s1, i1 = w1_ptr + cur * D * E, s1_ptr + cur * D * E, i1_ptr + head * D * E
                 # forward on the keys with the residual M(k) = k + W1 σ(W0 k), then the analytic deltas
-                z0 = _tk_mm_nt(k, w0, PREC)
+                z0 = _tk_mm(k, _tk_load_t(w0, E, D), PREC)
                 a1 = _tk_act(z0, ACT)
-                raw1 = 2.0 * (_tk_mm_nt(a1, w1, PREC) + k - v)
-                raw0 = _tk_mm(raw1, w1, PREC) * _tk_act_grad(z0, ACT)
+                raw1 = 2.0 * (_tk_mm(a1, _tk_load_t(w1, D, E), PREC) + k - v)
+                raw0 = _tk_mm(raw1, _tk_load(w1, D, E), PREC) * _tk_act_grad(z0, ACT)
                 d0 = raw0 * r0[:, None]
                 d1 = raw1 * (1.0 / (1.0 + tl.sum(a1 * a1, 1)))[:, None]
-                s0 = _tk_load(s0_ptr + cur * E * D, E, D)
-                s1 = _tk_load(s1_ptr + cur * D * E, D, E)
-                i0 = w0
-                i1 = w1
-                if HAS_INIT:
-                    i0 = _tk_load(i0_ptr + head * E * D, E, D)
-                    i1 = _tk_load(i1_ptr + head * D * E, D, E)
-                h1 = _tk_act(_tk_retrieve(q, w0, s0, i0, k, d0, gs, beta, f, HAS_INIT, PREC), ACT)
-                out = _tk_retrieve(h1, w1, s1, i1, a1, d1, gs, beta, f, HAS_INIT, PREC) + q
-                new_w0, new_s0 = _tk_new_state(w0, s0, i0, k, d0, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
-                _tk_store(w0_ptr + nxt * E * D, new_w0, E, D)
-                _tk_store(s0_ptr + nxt * E * D, new_s0, E, D)
-                new_w1, new_s1 = _tk_new_state(w1, s1, i1, a1, d1, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
-                _tk_store(w1_ptr + nxt * D * E, new_w1, D, E)
-                _tk_store(s1_ptr + nxt * D * E, new_s1, D, E)
+                h1 = _tk_act(_tk_retrieve(q, w0, s0, i0, k, d0, gs, beta, f, E, D, HAS_INIT, PREC), ACT)
+                out = _tk_retrieve(h1, w1, s1, i1, a1, d1, gs, beta, f, D, E, HAS_INIT, PREC) + q
+                _tk_new_state(w0, s0, i0, w0_ptr + nxt * E * D, s0_ptr + nxt * E * D, k, d0, g_last, n_last,
+                              beta_l, f_l, m_l, E, D, HAS_INIT, PREC)
+                _tk_new_state(w1, s1, i1, w1_ptr + nxt * D * E, s1_ptr + nxt * D * E, a1, d1, g_last, n_last,
+                              beta_l, f_l, m_l, D, E, HAS_INIT, PREC)
             _tk_store(out_ptr + tok * D, out, C, D)
             tl.debug_barrier()  # slot c + 1 written by all threads before the next iteration reads it
 
     @triton.jit
-    def _tk_state_bwd(dw, ds, w, s, init, inp, delta, g_last, n_last, beta_l, f_l, m_l, HAS_INIT: tl.constexpr,
-                      PREC: tl.constexpr):
+    def _tk_state_bwd(dw_ptr, ds_ptr, w_ptr, s_ptr, i_ptr, inp, delta, g_last, n_last, O: tl.constexpr,
+                      I: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
         """Backward of the chunk-end state W' = β_b W + f_b S - (δ ∘ g_b)ᵀ a + (1 - β_b) M_init, S' = m_b S - (δ ∘ n)ᵀ a
-        of one layer, given dW', dS'. Returns the W, S gradients so far, W - M_init (what β scales), the scalar
-        gradients of β_b, f_b, m_b, and those of δ, g_b (row), n, a."""
-        gw = beta_l * dw
-        gs = f_l * dw + m_l * ds
-        kept = w
+        of one layer given dW', dS' (the terms that are (O x I) tiles are added by the caller): the scalar gradients
+        of β_b, f_b, m_b, and those of δ, row b of G, n and a."""
+        dw = _tk_load(dw_ptr, O, I)
+        s = _tk_load(s_ptr, O, I)
+        kept = _tk_load(w_ptr, O, I)  # what β scales: W - M_init
         if HAS_INIT:
-            kept = w - init
+            kept -= _tk_load(i_ptr, O, I)
         g_beta_l = tl.sum(tl.sum(dw * kept, 1), 0)
         g_f_l = tl.sum(tl.sum(dw * s, 1), 0)
-        g_m_l = tl.sum(tl.sum(ds * s, 1), 0)
-        a_dw = _tk_mm_nt(inp, dw, PREC)
-        a_ds = _tk_mm_nt(inp, ds, PREC)
+        g_m_l = tl.sum(tl.sum(_tk_load(ds_ptr, O, I) * s, 1), 0)
+        a_dw = _tk_mm(inp, _tk_load_t(dw_ptr, O, I), PREC)
+        a_ds = _tk_mm(inp, _tk_load_t(ds_ptr, O, I), PREC)
         g_delta = -g_last[:, None] * a_dw - n_last[:, None] * a_ds
         g_g_last = -tl.sum(delta * a_dw, 1)
         g_n_last = -tl.sum(delta * a_ds, 1)
-        g_inp = -_tk_mm(delta * g_last[:, None], dw, PREC) - _tk_mm(delta * n_last[:, None], ds, PREC)
-        return gw, gs, kept, g_beta_l, g_f_l, g_m_l, g_delta, g_g_last, g_n_last, g_inp
+        g_inp = -_tk_mm(delta * g_last[:, None], _tk_load(dw_ptr, O, I), PREC)
+        g_inp -= _tk_mm(delta * n_last[:, None], _tk_load(ds_ptr, O, I), PREC)
+        return g_beta_l, g_f_l, g_m_l, g_delta, g_g_last, g_n_last, g_inp
 
     @triton.jit
-    def _tk_retrieve_bwd(dz, h, kept, s, init, inp, delta, gs, beta, f, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
-        """Backward of `_tk_retrieve` (written as z = β h (W - M_init)ᵀ + h M_initᵀ + f h Sᵀ - (G ∘ h aᵀ) δ) given dz:
-        gradients of h, β, f (per token), W, S, M_init, δ, G, a."""
-        back_kept = _tk_mm(dz, kept, PREC)
-        back_s = _tk_mm(dz, s, PREC)
-        g_h = beta[:, None] * back_kept + f[:, None] * back_s
+    def _tk_retrieve_bwd(dz, h, w_ptr, s_ptr, i_ptr, dw_ptr, ds_ptr, gs_out_ptr, di_ptr, inp, delta, gs, beta, f,
+                         beta_l, f_l, m_l, O: tl.constexpr, I: tl.constexpr, HAS_INIT: tl.constexpr,
+                         PREC: tl.constexpr):
+        """Backward of `_tk_retrieve` given dz: gradients of h, β, f (per token), δ, G, a and the W-tile gradient
+        β dzᵀ h + β_b dW' (the caller adds the terms through the keys). The momentum gradient f dzᵀ h + f_b dW' + m_b dS'
+        is final here and goes to `gs_out_ptr`; the M_init one, (1 - β) dzᵀ h + (1 - β_b) dW', is added to `di_ptr`."""
+        back_w = _tk_mm(dz, _tk_load(w_ptr, O, I), PREC)
+        back_s = _tk_mm(dz, _tk_load(s_ptr, O, I), PREC)
+        back_kept = back_w
+        g_h = f[:, None] * back_s
+        if HAS_INIT:  # β W + (1 - β) M_init = β (W - M_init) + M_init
+            back_i = _tk_mm(dz, _tk_load(i_ptr, O, I), PREC)
+            back_kept -= back_i
+            g_h += back_i
+        g_h += beta[:, None] * back_kept
         g_beta = tl.sum(h * back_kept, 1)
         g_f = tl.sum(h * back_s, 1)
-        gw = _tk_mm_tn(beta[:, None] * dz, h, PREC)
-        gs_ = _tk_mm_tn(f[:, None] * dz, h, PREC)
-        gi = gw
-        if HAS_INIT:
-            g_h += _tk_mm(dz, init, PREC)
-            gi = _tk_mm_tn((1.0 - beta[:, None]) * dz, h, PREC)
+        dw = _tk_load(dw_ptr, O, I)
+        gw = _tk_mm_tn(beta[:, None] * dz, h, PREC) + beta_l * dw
+        g_s = _tk_mm_tn(f[:, None] * dz, h, PREC) + f_l * dw + m_l * _tk_load(ds_ptr, O, I)
+        _tk_store(gs_out_ptr, g_s, O, I)
+        if HAS_INIT:  # load, barrier, store: a thread must not overwrite what another has yet to read
+            g_i = _tk_mm_tn((1.0 - beta[:, None]) * dz, h, PREC) + (1.0 - beta_l) * dw + _tk_load(di_ptr, O, I)
+            tl.debug_barrier()
+            _tk_store(di_ptr, g_i, O, I)
         score = _tk_mm_nt(h, inp, PREC)
         g_score = -_tk_mm_nt(dz, delta, PREC)
         g_delta = -_tk_mm_tn(gs * score, dz, PREC)
@@ -826,7 +873,7 @@ if triton is not None:
         g_score = gs * g_score
         g_h += _tk_mm(g_score, inp, PREC)
         g_inp = _tk_mm_tn(g_score, h, PREC)
-        return g_h, g_beta, g_f, gw, gs_, gi, g_delta, g_g, g_inp
+        return g_h, g_beta, g_f, gw, g_delta, g_g, g_inp
 
     @triton.jit
     def _tk_scan_bwd(
@@ -838,12 +885,13 @@ if triton is not None:
         D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
         HAS_INIT: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        """Backward of `_tk_scan_fwd`: chunks in reverse; the boundary state of chunk c is read from the forward's
-        buffers (slot c), the gradients of the chunk-end state from the 2-slot scratch (slot (c + 1) % 2), and those
-        of the chunk-start state go to slot c % 2. The M_init gradients accumulate per (batch, head) in di*."""
+        """Backward of `_tk_scan_fwd` (`memory_chunk_update_backward` per chunk), chunks in reverse: the boundary
+        state of chunk c is read from the forward's buffers (slot c), the gradients of the chunk-end state from the
+        2-slot scratch (slot (c + 1) % 2), and those of the chunk-start state go to slot c % 2. The M_init gradients
+        accumulate per (batch, head) in di*."""
         pid = tl.program_id(0).to(tl.int64)
         head = pid % heads
-        rc, rd = tl.arange(0, C), tl.arange(0, D)
+        rc = tl.arange(0, C)
         T = n_chunks * C
         last_row = rc == C - 1
         for step in range(n_chunks):
@@ -866,130 +914,85 @@ if triton is not None:
             g_out = (c % 2) * BH + pid  # gradient of the chunk-start state
             r0 = 1.0 / (1.0 + tl.sum(k * k, 1))
             if DEPTH == 1:
-                w0 = _tk_load(w0_ptr + cur * D * D, D, D)
-                s0 = _tk_load(s0_ptr + cur * D * D, D, D)
-                i0 = w0
-                if HAS_INIT:
-                    i0 = _tk_load(i0_ptr + head * D * D, D, D)
-                raw0 = 2.0 * (_tk_mm_nt(k, w0, PREC) - v)
+                w0, s0, i0 = w0_ptr + cur * D * D, s0_ptr + cur * D * D, i0_ptr + head * D * D
+                dw0, ds0, di0 = dw0_ptr + g_in * D * D, ds0_ptr + g_in * D * D, di0_ptr + pid * D * D
+                raw0 = 2.0 * (_tk_mm(k, _tk_load_t(w0, D, D), PREC) - v)
                 d0 = raw0 * r0[:, None]
-                dw0 = _tk_load(dw0_ptr + g_in * D * D, D, D)
-                ds0 = _tk_load(ds0_ptr + g_in * D * D, D, D)
-                gw0, gs0, kept0, g_beta_l, g_f_l, g_m_l, gd0, g_g_last, g_n, ga0 = _tk_state_bwd(
-                    dw0, ds0, w0, s0, i0, k, d0, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
-                gi0 = (1.0 - beta_l) * dw0
-                # retrieval (single layer, no residual): out = z
-                g_h, g_beta, g_f, gw_, gs_, gi_, gd_, g_g, ga_ = _tk_retrieve_bwd(
-                    dout, q, kept0, s0, i0, k, d0, gs, beta, f, HAS_INIT, PREC)
-                gw0 += gw_
-                gs0 += gs_
-                gi0 += gi_
+                g_beta_l, g_f_l, g_m_l, gd0, g_g_last, g_n, ga0 = _tk_state_bwd(
+                    dw0, ds0, w0, s0, i0, k, d0, g_last, n_last, D, D, HAS_INIT, PREC)
+                # retrieval (one layer, no residual): out = z
+                g_q, g_beta, g_f, gw0, gd_, g_g, ga_ = _tk_retrieve_bwd(
+                    dout, q, w0, s0, i0, dw0, ds0, ds0_ptr + g_out * D * D, di0, k, d0, gs, beta, f,
+                    beta_l, f_l, m_l, D, D, HAS_INIT, PREC)
                 gd0 += gd_
                 ga0 += ga_
-                g_q = g_h
                 # D19 normalisation δ = raw r, r = 1 / (1 + |k|²)
-                along = tl.sum(gd0 * raw0, 1)
-                ga0 -= (2.0 * along * r0 * r0)[:, None] * k
-                gd0 = gd0 * r0[:, None]
-                g_pred = 2.0 * gd0
+                ga0 -= (2.0 * tl.sum(gd0 * raw0, 1) * r0 * r0)[:, None] * k
+                g_pred = 2.0 * gd0 * r0[:, None]
                 g_v = -g_pred
                 gw0 += _tk_mm_tn(g_pred, k, PREC)
-                g_k = ga0 + _tk_mm(g_pred, w0, PREC)
-                if HAS_INIT:  # load, barrier, store: a thread must not overwrite what another has yet to read
-                    acc0 = _tk_load(di0_ptr + pid * D * D, D, D)
-                    tl.debug_barrier()
-                    _tk_store(di0_ptr + pid * D * D, acc0 + gi0, D, D)
-                _tk_store(ds0_ptr + g_out * D * D, gs0, D, D)
+                g_k = ga0 + _tk_mm(g_pred, _tk_load(w0, D, D), PREC)
                 _tk_store(dw0_ptr + g_out * D * D, gw0, D, D)
             else:
-                w0 = _tk_load(w0_ptr + cur * E * D, E, D)
-                w1 = _tk_load(w1_ptr + cur * D * E, D, E)
-                z0 = _tk_mm_nt(k, w0, PREC)
+                w0, s0, i0 = w0_ptr + cur * E * D, s0_ptr + cur * E * D, i0_ptr + head * E * D
+                w1, s1, i1 = w1_ptr + cur * D * E, s1_ptr + cur * D * E, i1_ptr + head * D * E
+                dw0, ds0, di0 = dw0_ptr + g_in * E * D, ds0_ptr + g_in * E * D, di0_ptr + pid * E * D
+                dw1, ds1, di1 = dw1_ptr + g_in * D * E, ds1_ptr + g_in * D * E, di1_ptr + pid * D * E
+                z0 = _tk_mm(k, _tk_load_t(w0, E, D), PREC)
                 a1 = _tk_act(z0, ACT)
                 slope0 = _tk_act_grad(z0, ACT)
-                raw1 = 2.0 * (_tk_mm_nt(a1, w1, PREC) + k - v)
-                carried0 = _tk_mm(raw1, w1, PREC)
+                raw1 = 2.0 * (_tk_mm(a1, _tk_load_t(w1, D, E), PREC) + k - v)
+                carried0 = _tk_mm(raw1, _tk_load(w1, D, E), PREC)
                 raw0 = carried0 * slope0
                 r1 = 1.0 / (1.0 + tl.sum(a1 * a1, 1))
                 d0 = raw0 * r0[:, None]
                 d1 = raw1 * r1[:, None]
-                s0 = _tk_load(s0_ptr + cur * E * D, E, D)
-                s1 = _tk_load(s1_ptr + cur * D * E, D, E)
-                i0 = w0
-                i1 = w1
-                if HAS_INIT:
-                    i0 = _tk_load(i0_ptr + head * E * D, E, D)
-                    i1 = _tk_load(i1_ptr + head * D * E, D, E)
                 # chunk-end states
-                dw0 = _tk_load(dw0_ptr + g_in * E * D, E, D)
-                ds0 = _tk_load(ds0_ptr + g_in * E * D, E, D)
-                gw0, gs0, kept0, g_beta_l, g_f_l, g_m_l, gd0, g_g_last, g_n, ga0 = _tk_state_bwd(
-                    dw0, ds0, w0, s0, i0, k, d0, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
-                gi0 = (1.0 - beta_l) * dw0
-                dw1 = _tk_load(dw1_ptr + g_in * D * E, D, E)
-                ds1 = _tk_load(ds1_ptr + g_in * D * E, D, E)
-                gw1, gs1, kept1, gb1, gf1, gm1, gd1, gg1, gn1, ga1 = _tk_state_bwd(
-                    dw1, ds1, w1, s1, i1, a1, d1, g_last, n_last, beta_l, f_l, m_l, HAS_INIT, PREC)
-                gi1 = (1.0 - beta_l) * dw1
+                g_beta_l, g_f_l, g_m_l, gd0, g_g_last, g_n, ga0 = _tk_state_bwd(
+                    dw0, ds0, w0, s0, i0, k, d0, g_last, n_last, E, D, HAS_INIT, PREC)
+                gb1, gf1, gm1, gd1, gg1, gn1, ga1 = _tk_state_bwd(
+                    dw1, ds1, w1, s1, i1, a1, d1, g_last, n_last, D, E, HAS_INIT, PREC)
                 g_beta_l += gb1
                 g_f_l += gf1
                 g_m_l += gm1
                 g_g_last += gg1
                 g_n += gn1
-                # retrieval: recompute h1 = σ(z) of layer 0, then back from the output (residual: out = z1 + q)
-                zq = _tk_mm_nt(q, kept0, PREC) * beta[:, None] + _tk_mm_nt(q, s0, PREC) * f[:, None]
-                zq -= _tk_mm(gs * _tk_mm_nt(q, k, PREC), d0, PREC)
-                if HAS_INIT:
-                    zq += _tk_mm_nt(q, i0, PREC)
+                # retrieval: recompute z of layer 0 and h1 = σ(z), then back from the output (out = z1 + q)
+                zq = _tk_retrieve(q, w0, s0, i0, k, d0, gs, beta, f, E, D, HAS_INIT, PREC)
                 h1 = _tk_act(zq, ACT)
-                g_h, g_beta, g_f, gw_, gs_, gi_, gd_, g_g, ga_ = _tk_retrieve_bwd(
-                    dout, h1, kept1, s1, i1, a1, d1, gs, beta, f, HAS_INIT, PREC)
-                gw1 += gw_
-                gs1 += gs_
-                gi1 += gi_
+                g_h, g_beta, g_f, gw1, gd_, g_g, ga_ = _tk_retrieve_bwd(
+                    dout, h1, w1, s1, i1, dw1, ds1, ds1_ptr + g_out * D * E, di1, a1, d1, gs, beta, f,
+                    beta_l, f_l, m_l, D, E, HAS_INIT, PREC)
                 gd1 += gd_
                 ga1 += ga_
-                g_h, g_beta_, g_f_, gw_, gs_, gi_, gd_, g_g_, ga_ = _tk_retrieve_bwd(
-                    g_h * _tk_act_grad(zq, ACT), q, kept0, s0, i0, k, d0, gs, beta, f, HAS_INIT, PREC)
+                g_h, g_beta_, g_f_, gw0, gd_, g_g_, ga_ = _tk_retrieve_bwd(
+                    g_h * _tk_act_grad(zq, ACT), q, w0, s0, i0, dw0, ds0, ds0_ptr + g_out * E * D, di0, k, d0, gs,
+                    beta, f, beta_l, f_l, m_l, E, D, HAS_INIT, PREC)
                 g_beta += g_beta_
                 g_f += g_f_
                 g_g += g_g_
-                gw0 += gw_
-                gs0 += gs_
-                gi0 += gi_
                 gd0 += gd_
                 ga0 += ga_
                 g_q = dout + g_h
                 # D19 normalisation of both layers' deltas
-                along0 = tl.sum(gd0 * raw0, 1)
-                ga0 -= (2.0 * along0 * r0 * r0)[:, None] * k
+                ga0 -= (2.0 * tl.sum(gd0 * raw0, 1) * r0 * r0)[:, None] * k
                 gd0 = gd0 * r0[:, None]
-                along1 = tl.sum(gd1 * raw1, 1)
-                ga1 -= (2.0 * along1 * r1 * r1)[:, None] * a1
+                ga1 -= (2.0 * tl.sum(gd1 * raw1, 1) * r1 * r1)[:, None] * a1
                 gd1 = gd1 * r1[:, None]
-                # δ_0 = (δ_1 W_1) ∘ σ'(z_0): needs σ''
+                # δ_0 = (δ_1 W_1) ∘ σ'(z_0): its backward needs σ''
                 g_carried = gd0 * slope0
                 g_pre0 = gd0 * carried0 * _tk_act_grad2(z0, ACT)
-                gd1 += _tk_mm_nt(g_carried, w1, PREC)
+                gd1 += _tk_mm(g_carried, _tk_load_t(w1, D, E), PREC)
                 gw1 += _tk_mm_tn(raw1, g_carried, PREC)
                 g_pred = 2.0 * gd1
                 g_v = -g_pred
                 # forward on the keys: a_1 = σ(k W_0ᵀ), M(k) = a_1 W_1ᵀ + k
                 gw1 += _tk_mm_tn(g_pred, a1, PREC)
-                g_a1 = ga1 + _tk_mm(g_pred, w1, PREC)
-                dz0 = g_a1 * slope0 + g_pre0
+                dz0 = (ga1 + _tk_mm(g_pred, _tk_load(w1, D, E), PREC)) * slope0 + g_pre0
                 gw0 += _tk_mm_tn(dz0, k, PREC)
-                g_k = g_pred + ga0 + _tk_mm(dz0, w0, PREC)
-                if HAS_INIT:  # load, barrier, store: a thread must not overwrite what another has yet to read
-                    acc0 = _tk_load(di0_ptr + pid * E * D, E, D)
-                    acc1 = _tk_load(di1_ptr + pid * D * E, D, E)
-                    tl.debug_barrier()
-                    _tk_store(di0_ptr + pid * E * D, acc0 + gi0, E, D)
-                    _tk_store(di1_ptr + pid * D * E, acc1 + gi1, D, E)
+                g_k = g_pred + ga0 + _tk_mm(dz0, _tk_load(w0, E, D), PREC)
                 _tk_store(dw0_ptr + g_out * E * D, gw0, E, D)
-                _tk_store(ds0_ptr + g_out * E * D, gs0, E, D)
                 _tk_store(dw1_ptr + g_out * D * E, gw1, D, E)
-                _tk_store(ds1_ptr + g_out * D * E, gs1, D, E)
             _tk_store(dq_ptr + tok * D, g_q, C, D)
             _tk_store(dk_ptr + tok * D, g_k, C, D)
             _tk_store(dv_ptr + tok * D, g_v, C, D)
@@ -1000,7 +1003,6 @@ if triton is not None:
             tl.store(df_ptr + tok + rc, g_f + tl.where(last_row, g_f_l, 0.0))
             tl.store(dm_ptr + tok + rc, tl.where(last_row, g_m_l, 0.0))
             tl.debug_barrier()  # slot c % 2 written by all threads before chunk c - 1 reads it
-
 
 
 def _triton_args(depth, layers, placeholder):
