@@ -62,6 +62,20 @@ def compare(name, got, ref, report):
     return rel
 
 
+def kernel_info():
+    """Registers, spills and shared memory of the compiled kernels (best effort: Triton-internal attributes)."""
+    info = {}
+    try:
+        for name in ("_tk_scan_fwd", "_tk_scan_bwd"):
+            for cache in getattr(mt, name).device_caches.values():
+                for kernel in cache[0].values():
+                    info[name] = {"n_regs": kernel.n_regs, "n_spills": kernel.n_spills,
+                                  "shared": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps}
+    except Exception as e:  # noqa: BLE001
+        info["error"] = repr(e)
+    return info
+
+
 def timed(fn, repeats=5, warmup=2):
     for _ in range(warmup):
         fn()
@@ -127,6 +141,8 @@ def main():
         result["max_rel"] = max(rels)
         result["tolerance_rel"] = tol
         ok = max(rels) <= tol and all(r == r for r in rels)
+        result["kernels"] = kernel_info()
+        print(json.dumps({"phase": "check", **result}), flush=True)
     except Exception as e:  # kernel failed to compile or run: report, do not crash
         traceback.print_exc()
         result["error"] = f"{type(e).__name__}: {e}"[:2000]
