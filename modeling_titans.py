@@ -720,10 +720,13 @@ if triton is not None:
     def _tk_mm_tn(a, b, PREC: tl.constexpr):  # aᵀ @ b
         return tl.dot(tl.trans(a), b, input_precision=PREC)
 
+    # Every tile load is volatile: the compiler then neither merges two loads of one tile nor hoists them, so a tile
+    # that several distant products use is read again from L2 at each (cheap) instead of being parked in shared
+    # memory between them (parked copies took the backward to 464 KB of shared memory at d=64, E=128).
     @triton.jit
-    def _tk_load(ptr, R: tl.constexpr, K: tl.constexpr):  # row-major (R, K) tile; state reads bypass L1
+    def _tk_load(ptr, R: tl.constexpr, K: tl.constexpr):  # row-major (R, K) tile
         rows, cols = tl.arange(0, R), tl.arange(0, K)
-        return tl.load(ptr + rows[:, None] * K + cols[None, :], cache_modifier=".cg")
+        return tl.load(ptr + rows[:, None] * K + cols[None, :], volatile=True)
 
     @triton.jit
     def _tk_store(ptr, x, R: tl.constexpr, K: tl.constexpr):
@@ -733,7 +736,7 @@ if triton is not None:
     @triton.jit
     def _tk_load_t(ptr, R: tl.constexpr, K: tl.constexpr):  # the transpose (K, R) of a row-major (R, K) tile
         rows, cols = tl.arange(0, R), tl.arange(0, K)
-        return tl.load(ptr + rows[None, :] * K + cols[:, None], cache_modifier=".cg")
+        return tl.load(ptr + rows[None, :] * K + cols[:, None], volatile=True)
 
     # State tiles enter products through pointers, loaded (already transposed where needed) right before each
     # product: a `tl.trans` of a tile used by several products keeps a shared-memory copy alive between them, and at
@@ -949,24 +952,26 @@ if triton is not None:
                 d1 = raw1 * r1[:, None]
                 # chunk-end states
                 g_beta_l, g_f_l, g_m_l, gd0, g_g_last, g_n, ga0 = _tk_state_bwd(
-                    dw0, ds0, w0, s0, i0, k, d0, g_last, n_last, E, D, HAS_INIT, PREC)
+                    dw0, ds0, w0, s0, i0, _tk_load(k_ptr + tok * D, C, D), d0, g_last, n_last, E, D, HAS_INIT, PREC)
                 gb1, gf1, gm1, gd1, gg1, gn1, ga1 = _tk_state_bwd(
-                    dw1, ds1, w1, s1, i1, a1, d1, g_last, n_last, D, E, HAS_INIT, PREC)
+                    dw1, ds1, w1, s1, i1, _tk_act(_tk_mm(_tk_load(k_ptr + tok * D, C, D), _tk_load_t(w0, E, D), PREC), ACT), d1, g_last, n_last, D, E, HAS_INIT, PREC)
                 g_beta_l += gb1
                 g_f_l += gf1
                 g_m_l += gm1
                 g_g_last += gg1
                 g_n += gn1
                 # retrieval: recompute z of layer 0 and h1 = σ(z), then back from the output (out = z1 + q)
-                zq = _tk_retrieve(q, w0, s0, i0, k, d0, gs, beta, f, E, D, HAS_INIT, PREC)
+                zq = _tk_retrieve(_tk_load(q_ptr + tok * D, C, D), w0, s0, i0, _tk_load(k_ptr + tok * D, C, D), d0, gs, beta, f, E, D, HAS_INIT, PREC)
                 h1 = _tk_act(zq, ACT)
                 g_h, g_beta, g_f, gw1, gd_, g_g, ga_ = _tk_retrieve_bwd(
-                    dout, h1, w1, s1, i1, dw1, ds1, ds1_ptr + g_out * D * E, di1, a1, d1, gs, beta, f,
+                    _tk_load(dout_ptr + tok * D, C, D), h1, w1, s1, i1, dw1, ds1, ds1_ptr + g_out * D * E, di1,
+                    _tk_act(_tk_mm(_tk_load(k_ptr + tok * D, C, D), _tk_load_t(w0, E, D), PREC), ACT), d1, gs, beta, f,
                     beta_l, f_l, m_l, D, E, HAS_INIT, PREC)
                 gd1 += gd_
                 ga1 += ga_
                 g_h, g_beta_, g_f_, gw0, gd_, g_g_, ga_ = _tk_retrieve_bwd(
-                    g_h * _tk_act_grad(zq, ACT), q, w0, s0, i0, dw0, ds0, ds0_ptr + g_out * E * D, di0, k, d0, gs,
+                    g_h * _tk_act_grad(zq, ACT), _tk_load(q_ptr + tok * D, C, D), w0, s0, i0, dw0, ds0, ds0_ptr + g_out * E * D, di0,
+                    _tk_load(k_ptr + tok * D, C, D), d0, gs,
                     beta, f, beta_l, f_l, m_l, E, D, HAS_INIT, PREC)
                 g_beta += g_beta_
                 g_f += g_f_
@@ -981,15 +986,16 @@ if triton is not None:
                 gd1 = gd1 * r1[:, None]
                 # δ_0 = (δ_1 W_1) ∘ σ'(z_0): its backward needs σ''
                 g_carried = gd0 * slope0
+                z0 = _tk_mm(_tk_load(k_ptr + tok * D, C, D), _tk_load_t(w0, E, D), PREC)  # recomputed, not kept
                 g_pre0 = gd0 * carried0 * _tk_act_grad2(z0, ACT)
                 gd1 += _tk_mm(g_carried, _tk_load_t(w1, D, E), PREC)
                 gw1 += _tk_mm_tn(raw1, g_carried, PREC)
                 g_pred = 2.0 * gd1
                 g_v = -g_pred
                 # forward on the keys: a_1 = σ(k W_0ᵀ), M(k) = a_1 W_1ᵀ + k
-                gw1 += _tk_mm_tn(g_pred, a1, PREC)
+                gw1 += _tk_mm_tn(g_pred, _tk_act(_tk_mm(_tk_load(k_ptr + tok * D, C, D), _tk_load_t(w0, E, D), PREC), ACT), PREC)
                 dz0 = (ga1 + _tk_mm(g_pred, _tk_load(w1, D, E), PREC)) * slope0 + g_pre0
-                gw0 += _tk_mm_tn(dz0, k, PREC)
+                gw0 += _tk_mm_tn(dz0, _tk_load(k_ptr + tok * D, C, D), PREC)
                 g_k = g_pred + ga0 + _tk_mm(dz0, _tk_load(w0, E, D), PREC)
                 _tk_store(dw0_ptr + g_out * E * D, gw0, E, D)
                 _tk_store(dw1_ptr + g_out * D * E, gw1, D, E)
