@@ -2,8 +2,9 @@
 
 Skipped without triton. Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py
 before triton is imported; numpy-backed and slow), at the smallest sizes the kernels accept (d=16, E=32, chunk 16,
-tl.dot needs >= 16) and 3 chunks. Tolerance: fp32 with exact (ieee) products on both sides, so only the order of
-summation differs: max |kernel - torch| <= 2e-5 * max |torch| for every output, state and gradient (seen: <= 5e-6).
+tl.dot needs >= 16) and 3 chunks. Tolerance: in the interpreter fp32 with exact (ieee) products on both sides, so
+only the order of summation differs: max |kernel - torch| <= 2e-5 * max |torch| for every output, state and gradient
+(seen: <= 5e-6); on a GPU the kernels' default tf32x3 products, <= 1e-4 * max |torch| (not yet run on a GPU).
 """
 
 import os
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.skipif(
     mt.triton is None or (DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
     reason="needs triton compiled for a GPU, or its interpreter (TRITON_INTERPRET=1 before triton is imported)",
 )
-RTOL = 2e-5
+# interpreter: exact fp32 products on both sides; GPU: the kernels' default tf32x3 products against cuBLAS fp32
+PRECISION, RTOL = ("ieee", 2e-5) if DEVICE.type == "cpu" else (mt._TRITON_PRECISION, 1e-4)
 B, H, D, E, C, T = 2, 2, 16, 32, 16, 48
 
 
@@ -63,7 +65,7 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(mt, "_triton_scan_forward", forward)
     monkeypatch.setattr(mt, "_triton_scan_backward", backward)
-    monkeypatch.setattr(mt, "_TRITON_PRECISION", "ieee")
+    monkeypatch.setattr(mt, "_TRITON_PRECISION", PRECISION)
     monkeypatch.setenv("TITANS_MEMORY_KERNEL", "triton")
     return calls
 
