@@ -615,6 +615,10 @@ class _MemoryScanFunction(torch.autograd.Function):
 # the PyTorch backward does, and carries the state gradients in a 2-slot scratch buffer. Each program only touches
 # its own (batch, head) slice; `tl.debug_barrier()` orders the write of one iteration before the reads of the next
 # across the threads of the program.
+#
+# Products are tl.dot on (chunk x d / E) tiles, so d, E and the chunk size must be powers of two >= 16. Shared
+# memory, not registers, is what limits the tile sizes (see `_tk_load`, `_TRITON_PRECISION`). The first call of a
+# configuration compiles it (tens of seconds to minutes; Triton caches it on disk).
 # ----------------------------------------------------------------------------------------------------------------
 
 try:
@@ -744,6 +748,11 @@ if triton is not None:
         rows, cols = tl.arange(0, R), tl.arange(0, K)
         return tl.load(ptr + rows[None, :] * K + cols[:, None], volatile=True)
 
+    @triton.jit
+    def _tk_hidden(k_ptr, w0_ptr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, ACT: tl.constexpr,
+                   PREC: tl.constexpr):  # a_1 = σ(k W_0ᵀ), recomputed from fresh loads
+        return _tk_act(_tk_mm(_tk_load(k_ptr, C, D), _tk_load_t(w0_ptr, E, D), PREC), ACT)
+
     # State tiles enter products through pointers, loaded (already transposed where needed) right before each
     # product: a `tl.trans` of a tile used by several products keeps a shared-memory copy alive between them, and at
     # d=64, E=128 six such 32 KB copies exceed the 227 KB of shared memory of an H100.
@@ -762,7 +771,8 @@ if triton is not None:
     @triton.jit
     def _tk_new_state(w_ptr, s_ptr, i_ptr, new_w_ptr, new_s_ptr, inp, delta, g_last, n_last, beta_l, f_l, m_l,
                       O: tl.constexpr, I: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
-        """Chunk-end weights and momentum: W' = β_b W + f_b S - (δ ∘ g_b)ᵀ a + (1 - β_b) M_init, S' = m_b S - (δ ∘ n)ᵀ a."""
+        """Chunk-end weights and momentum, written to `new_*_ptr`:
+        W' = β_b W + f_b S - (δ ∘ g_b)ᵀ a + (1 - β_b) M_init,  S' = m_b S - (δ ∘ n)ᵀ a."""
         s = _tk_load(s_ptr, O, I)
         new_w = beta_l * _tk_load(w_ptr, O, I) + f_l * s - _tk_mm_tn(delta * g_last[:, None], inp, PREC)
         if HAS_INIT:
@@ -829,9 +839,9 @@ if triton is not None:
     @triton.jit
     def _tk_state_bwd(dw_ptr, ds_ptr, w_ptr, s_ptr, i_ptr, inp, delta, g_last, n_last, O: tl.constexpr,
                       I: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
-        """Backward of the chunk-end state W' = β_b W + f_b S - (δ ∘ g_b)ᵀ a + (1 - β_b) M_init, S' = m_b S - (δ ∘ n)ᵀ a
-        of one layer given dW', dS' (the terms that are (O x I) tiles are added by the caller): the scalar gradients
-        of β_b, f_b, m_b, and those of δ, row b of G, n and a."""
+        """Backward of the chunk-end state of one layer (`_tk_new_state`) given dW', dS', except its (O x I) terms
+        (added where the W, S, M_init gradients are formed): the scalar gradients of β_b, f_b, m_b, and those of δ,
+        row b of G, n and a."""
         dw = _tk_load(dw_ptr, O, I)
         s = _tk_load(s_ptr, O, I)
         kept = _tk_load(w_ptr, O, I)  # what β scales: W - M_init
@@ -854,8 +864,9 @@ if triton is not None:
                          beta_l, f_l, m_l, O: tl.constexpr, I: tl.constexpr, HAS_INIT: tl.constexpr,
                          PREC: tl.constexpr):
         """Backward of `_tk_retrieve` given dz: gradients of h, β, f (per token), δ, G, a and the W-tile gradient
-        β dzᵀ h + β_b dW' (the caller adds the terms through the keys). The momentum gradient f dzᵀ h + f_b dW' + m_b dS'
-        is final here and goes to `gs_out_ptr`; the M_init one, (1 - β) dzᵀ h + (1 - β_b) dW', is added to `di_ptr`."""
+        β dzᵀ h + β_b dW' (the caller adds the terms through the keys). The momentum gradient
+        f dzᵀ h + f_b dW' + m_b dS' is final here and goes to `gs_out_ptr`; the M_init one,
+        (1 - β) dzᵀ h + (1 - β_b) dW', is added to `di_ptr`."""
         back_w = _tk_mm(dz, _tk_load(w_ptr, O, I), PREC)
         back_s = _tk_mm(dz, _tk_load(s_ptr, O, I), PREC)
         back_kept = back_w
@@ -945,6 +956,8 @@ if triton is not None:
             else:
                 w0, s0, i0 = w0_ptr + cur * E * D, s0_ptr + cur * E * D, i0_ptr + head * E * D
                 w1, s1, i1 = w1_ptr + cur * D * E, s1_ptr + cur * D * E, i1_ptr + head * D * E
+                # q, k and a_1 = σ(k W_0ᵀ) are read / recomputed again at each distant use (see `_tk_load`)
+                qp, kp = q_ptr + tok * D, k_ptr + tok * D
                 dw0, ds0, di0 = dw0_ptr + g_in * E * D, ds0_ptr + g_in * E * D, di0_ptr + pid * E * D
                 dw1, ds1, di1 = dw1_ptr + g_in * D * E, ds1_ptr + g_in * D * E, di1_ptr + pid * D * E
                 z0 = _tk_mm(k, _tk_load_t(w0, E, D), PREC)
@@ -958,27 +971,27 @@ if triton is not None:
                 d1 = raw1 * r1[:, None]
                 # chunk-end states
                 g_beta_l, g_f_l, g_m_l, gd0, g_g_last, g_n, ga0 = _tk_state_bwd(
-                    dw0, ds0, w0, s0, i0, _tk_load(k_ptr + tok * D, C, D), d0, g_last, n_last, E, D, HAS_INIT, PREC)
+                    dw0, ds0, w0, s0, i0, _tk_load(kp, C, D), d0, g_last, n_last, E, D, HAS_INIT, PREC)
                 gb1, gf1, gm1, gd1, gg1, gn1, ga1 = _tk_state_bwd(
-                    dw1, ds1, w1, s1, i1, _tk_act(_tk_mm(_tk_load(k_ptr + tok * D, C, D), _tk_load_t(w0, E, D), PREC), ACT), d1, g_last, n_last, D, E, HAS_INIT, PREC)
+                    dw1, ds1, w1, s1, i1, _tk_hidden(kp, w0, C, D, E, ACT, PREC), d1, g_last, n_last, D, E, HAS_INIT,
+                    PREC)
                 g_beta_l += gb1
                 g_f_l += gf1
                 g_m_l += gm1
                 g_g_last += gg1
                 g_n += gn1
                 # retrieval: recompute z of layer 0 and h1 = σ(z), then back from the output (out = z1 + q)
-                zq = _tk_retrieve(_tk_load(q_ptr + tok * D, C, D), w0, s0, i0, _tk_load(k_ptr + tok * D, C, D), d0, gs, beta, f, E, D, HAS_INIT, PREC)
+                zq = _tk_retrieve(_tk_load(qp, C, D), w0, s0, i0, _tk_load(kp, C, D), d0, gs, beta, f, E, D, HAS_INIT,
+                                  PREC)
                 h1 = _tk_act(zq, ACT)
                 g_h, g_beta, g_f, gw1, gd_, g_g, ga_ = _tk_retrieve_bwd(
                     _tk_load(dout_ptr + tok * D, C, D), h1, w1, s1, i1, dw1, ds1, ds1_ptr + g_out * D * E, di1,
-                    _tk_act(_tk_mm(_tk_load(k_ptr + tok * D, C, D), _tk_load_t(w0, E, D), PREC), ACT), d1, gs, beta, f,
-                    beta_l, f_l, m_l, D, E, HAS_INIT, PREC)
+                    _tk_hidden(kp, w0, C, D, E, ACT, PREC), d1, gs, beta, f, beta_l, f_l, m_l, D, E, HAS_INIT, PREC)
                 gd1 += gd_
                 ga1 += ga_
                 g_h, g_beta_, g_f_, gw0, gd_, g_g_, ga_ = _tk_retrieve_bwd(
-                    g_h * _tk_act_grad(zq, ACT), _tk_load(q_ptr + tok * D, C, D), w0, s0, i0, dw0, ds0, ds0_ptr + g_out * E * D, di0,
-                    _tk_load(k_ptr + tok * D, C, D), d0, gs,
-                    beta, f, beta_l, f_l, m_l, E, D, HAS_INIT, PREC)
+                    g_h * _tk_act_grad(zq, ACT), _tk_load(qp, C, D), w0, s0, i0, dw0, ds0, ds0_ptr + g_out * E * D,
+                    di0, _tk_load(kp, C, D), d0, gs, beta, f, beta_l, f_l, m_l, E, D, HAS_INIT, PREC)
                 g_beta += g_beta_
                 g_f += g_f_
                 g_g += g_g_
@@ -992,16 +1005,16 @@ if triton is not None:
                 gd1 = gd1 * r1[:, None]
                 # δ_0 = (δ_1 W_1) ∘ σ'(z_0): its backward needs σ''
                 g_carried = gd0 * slope0
-                z0 = _tk_mm(_tk_load(k_ptr + tok * D, C, D), _tk_load_t(w0, E, D), PREC)  # recomputed, not kept
+                z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0, E, D), PREC)  # recomputed, not kept
                 g_pre0 = gd0 * carried0 * _tk_act_grad2(z0, ACT)
                 gd1 += _tk_mm(g_carried, _tk_load_t(w1, D, E), PREC)
                 gw1 += _tk_mm_tn(raw1, g_carried, PREC)
                 g_pred = 2.0 * gd1
                 g_v = -g_pred
                 # forward on the keys: a_1 = σ(k W_0ᵀ), M(k) = a_1 W_1ᵀ + k
-                gw1 += _tk_mm_tn(g_pred, _tk_act(_tk_mm(_tk_load(k_ptr + tok * D, C, D), _tk_load_t(w0, E, D), PREC), ACT), PREC)
+                gw1 += _tk_mm_tn(g_pred, _tk_hidden(kp, w0, C, D, E, ACT, PREC), PREC)
                 dz0 = (ga1 + _tk_mm(g_pred, _tk_load(w1, D, E), PREC)) * slope0 + g_pre0
-                gw0 += _tk_mm_tn(dz0, _tk_load(k_ptr + tok * D, C, D), PREC)
+                gw0 += _tk_mm_tn(dz0, _tk_load(kp, C, D), PREC)
                 g_k = g_pred + ga0 + _tk_mm(dz0, _tk_load(w0, E, D), PREC)
                 _tk_store(dw0_ptr + g_out * E * D, gw0, E, D)
                 _tk_store(dw1_ptr + g_out * D * E, gw1, D, E)
