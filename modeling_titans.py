@@ -11,6 +11,7 @@ decoder layer -> cache -> PreTrainedModel -> Model -> ForCausalLM.
 import contextlib
 import functools
 import json
+import os
 from collections.abc import Callable
 
 import torch
@@ -488,6 +489,14 @@ def memory_scan(
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         out, *state = _MemoryScanFunction.apply(chunk_size, activation, len(weights), select_chunk, *tensors)
         return out, tuple(state[: len(weights)]), tuple(state[len(weights) :])
+    if _use_triton_scan(tensors, len(weights), chunk_size, activation, select_chunk):
+        try:
+            out, new_w, new_s, _ = _triton_scan_forward(
+                weights, momentum, initial, (q, k, v, *coefficients), chunk_size, activation, keep_states=False
+            )
+            return out, new_w, new_s
+        except Exception as error:
+            _triton_failed(_triton_key(tensors, len(weights), chunk_size, activation, initial), error)
     out, new_w, new_s, _ = _scan_chunks(
         weights, momentum, (q, k, v, *coefficients), chunk_size, activation, select_chunk, initial or None
     )
@@ -545,9 +554,19 @@ class _MemoryScanFunction(torch.autograd.Function):
         weights, momentum = tensors[:depth], tensors[depth : 2 * depth]
         initial = tensors[2 * depth : -_SEQUENCE_INPUTS] or None
         sequence = tensors[-_SEQUENCE_INPUTS:]
-        out, new_w, new_s, boundaries = _scan_chunks(
-            weights, momentum, sequence, chunk_size, activation, select_chunk, initial, keep_states=True
-        )
+        ctx.triton = _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk)
+        if ctx.triton:  # fused kernel (section below); `boundaries` are its (n_chunks + 1)-slot state buffers
+            try:
+                out, new_w, new_s, boundaries = _triton_scan_forward(
+                    weights, momentum, initial, sequence, chunk_size, activation, keep_states=True
+                )
+            except Exception as error:
+                _triton_failed(_triton_key(tensors, depth, chunk_size, activation, initial), error)
+                ctx.triton = False
+        if not ctx.triton:
+            out, new_w, new_s, boundaries = _scan_chunks(
+                weights, momentum, sequence, chunk_size, activation, select_chunk, initial, keep_states=True
+            )
         ctx.chunk_size, ctx.activation, ctx.depth, ctx.select_chunk = chunk_size, activation, depth, select_chunk
         ctx.boundaries = boundaries
         ctx.save_for_backward(*tensors)
@@ -560,6 +579,22 @@ class _MemoryScanFunction(torch.autograd.Function):
         initial = tuple(t.detach() for t in tensors[2 * depth : -_SEQUENCE_INPUTS])
         sequence = tensors[-_SEQUENCE_INPUTS:]
         grad_sel_w, grad_sel_s = grad_state[:depth], grad_state[depth:]
+        key = _triton_key(tensors, depth, chunk_size, ctx.activation, initial, backward=True)
+        if ctx.triton and key not in _TRITON_FAILED:  # one fused launch (see the Triton section below)
+            try:
+                grad_w, grad_s, grad_initial, grad_sequence = _triton_scan_backward(
+                    ctx.boundaries, initial, sequence, grad_out, grad_sel_w, grad_sel_s, chunk_size, ctx.activation
+                )
+                ctx.boundaries = None
+                grad_w = tuple(g.sum_to_size(w.shape) for g, w in zip(grad_w, tensors[:depth]))
+                grad_s = tuple(g.sum_to_size(s.shape) for g, s in zip(grad_s, tensors[depth : 2 * depth]))
+                return (None, None, None, None, *grad_w, *grad_s, *grad_initial, *grad_sequence)
+            except Exception as error:
+                _triton_failed(key, error)
+        if ctx.triton:  # the kernel's forward with the PyTorch backward: per-chunk views of its boundary buffers
+            states_w, states_s = ctx.boundaries
+            n_chunks = states_w[0].shape[0] - 1
+            ctx.boundaries = [(tuple(b[c] for b in states_w), tuple(b[c] for b in states_s)) for c in range(n_chunks)]
         grad_pieces = []  # per chunk, last chunk first; concatenated at the end (no in-place writes: compile-safe)
         grad_initial = [torch.zeros_like(t) for t in initial]
         inputs = _chunks(sequence, chunk_size)
@@ -588,6 +623,510 @@ class _MemoryScanFunction(torch.autograd.Function):
             for i, pieces in enumerate(zip(*grad_pieces))
         ]
         return (None, None, None, None, *grad_w, *grad_s, *grad_initial, *grad_sequence)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optional fused Triton kernels for the chunk-parallel memory scan (forward and backward).
+#
+# The PyTorch scan above launches ~40 small kernels per chunk forward and ~100 backward, one chunk after the other;
+# at long contexts the launches, not the FLOPs, dominate. Here one program per (batch, head) runs the whole scan over
+# the chunks: one launch per layer forward, one backward. Same math as `memory_chunk_update` (forward, Eq. 16-18,
+# D7, D19) and `memory_chunk_update_backward` (backward), fp32 state and accumulation; the PyTorch code stays the
+# reference and the fallback (CPU, unsupported shapes, ragged `select_chunk`, torch.compile, TITANS_MEMORY_KERNEL).
+#
+# The chunk-boundary states live in a global fp32 buffer (n_chunks + 1 slots, or 2 when only the final state is
+# wanted) rather than in loop-carried registers: a depth-2 state at d=64, E=128 is 128 KB. The forward writes slot
+# c + 1 and the next iteration reads it back; the backward reads the boundary state of chunk c from that buffer, as
+# the PyTorch backward does, and carries the state gradients in a 2-slot scratch buffer. Each program only touches
+# its own (batch, head) slice; `tl.debug_barrier()` orders the write of one iteration before the reads of the next
+# across the threads of the program.
+#
+# Products are tl.dot on (chunk x d / E) tiles, so d, E and the chunk size must be powers of two >= 16. Shared
+# memory, not registers, is what limits the tile sizes (see `_tk_load`, `_TRITON_PRECISION`). The first call of a
+# configuration compiles it (tens of seconds to minutes; Triton caches it on disk).
+# ----------------------------------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU users without triton lose nothing: the PyTorch scan is always there
+    triton = None
+
+_TRITON_ACTIVATIONS = {"silu": 0, "gelu": 1, "tanh": 2}
+# Precision of the kernels' products (TITANS_MEMORY_KERNEL_PRECISION). Default "tf32x3": three tf32 tensor-core
+# products per product, fp32-level accuracy. "ieee" is plain fp32 FMA (what the CPU tests use, in the interpreter),
+# but at d=64, E=128 it compiles for minutes (the backward for over 7 on a slow CPU) and runs without tensor cores;
+# "tf32" (10-bit mantissa, ~1e-3 relative error per product, compounding along the scan) is the fastest.
+# Shared memory at d=64, E=128, chunk 64 (sm_90, compiled offline): forward 160 KB / backward 160 KB with tf32x3,
+# 192 / 208 KB with tf32, of the 227 KB an H100/H200 block may use.
+_TRITON_PRECISION = os.environ.get("TITANS_MEMORY_KERNEL_PRECISION", "tf32x3")
+if _TRITON_PRECISION not in ("ieee", "tf32", "tf32x3"):
+    _TRITON_PRECISION = "tf32x3"
+
+
+def _memory_kernel_mode() -> str:
+    mode = os.environ.get("TITANS_MEMORY_KERNEL", "auto").lower()
+    return mode if mode in ("auto", "triton", "torch") else "auto"
+
+
+_TRITON_FAILED: dict = {}  # kernel configuration -> error, for kernels that failed to compile or launch
+
+
+def _triton_key(tensors, depth, chunk_size, activation, initial, backward=False):
+    q = tensors[-_SEQUENCE_INPUTS]
+    return (backward, depth, q.shape[-1], tensors[0].shape[-2], chunk_size, activation, bool(initial), str(q.device))
+
+
+def _triton_failed(key, error) -> None:
+    """Under TITANS_MEMORY_KERNEL=triton a kernel failure is an error; under `auto` (e.g. not enough shared memory
+    on a smaller GPU) that configuration falls back to the PyTorch scan from then on, with one warning."""
+    if _memory_kernel_mode() == "triton":
+        raise error
+    _TRITON_FAILED[key] = repr(error)
+    logger.warning_once(f"Titans memory Triton kernel failed ({error!r}); using the PyTorch scan for {key}.")
+
+
+def _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk) -> bool:
+    """Whether the fused kernels run this scan: TITANS_MEMORY_KERNEL is `auto` (CUDA tensors) or `triton` (CUDA, or
+    CPU under TRITON_INTERPRET=1 for testing), triton imports, not inside torch.compile, no ragged `select_chunk`,
+    depth 1 or 2, a known activation, fp32 everywhere, and d, E, chunk size powers of two >= 16 (tl.dot tiles)."""
+    mode = _memory_kernel_mode()
+    if triton is None or mode == "torch" or select_chunk is not None or depth not in (1, 2):
+        return False
+    if activation not in _TRITON_ACTIVATIONS or torch.compiler.is_compiling():
+        return False
+    q = tensors[-_SEQUENCE_INPUTS]
+    on_device = q.is_cuda or (mode == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+    if not on_device or any(t.dtype != torch.float32 or t.device != q.device for t in tensors):
+        return False
+    pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
+    dims = {q.shape[-1], chunk_size} | {n for w in tensors[:depth] for n in w.shape[-2:]}
+    if not all(pow2(n) for n in dims) or q.shape[-2] % chunk_size or q.shape[-2] == 0:
+        return False
+    initial = tensors[2 * depth : -_SEQUENCE_INPUTS]
+    return _triton_key(tensors, depth, chunk_size, activation, initial) not in _TRITON_FAILED
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tk_act(z, ACT: tl.constexpr):  # σ
+        if ACT == 0:
+            y = z * tl.sigmoid(z)
+        elif ACT == 1:
+            y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        else:
+            y = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+        return y
+
+    @triton.jit
+    def _tk_act_grad(z, ACT: tl.constexpr):  # σ'
+        if ACT == 0:
+            s = tl.sigmoid(z)
+            y = s * (1.0 + z * (1.0 - s))
+        elif ACT == 1:
+            y = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+        else:
+            t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+            y = 1.0 - t * t
+        return y
+
+    @triton.jit
+    def _tk_act_grad2(z, ACT: tl.constexpr):  # σ''
+        if ACT == 0:
+            s = tl.sigmoid(z)
+            y = s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+        elif ACT == 1:
+            y = tl.exp(-0.5 * z * z) * 0.3989422804014327 * (2.0 - z * z)
+        else:
+            t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+            y = -2.0 * t * (1.0 - t * t)
+        return y
+
+    @triton.jit
+    def _tk_mm(a, b, PREC: tl.constexpr):  # a @ b
+        return tl.dot(a, b, input_precision=PREC)
+
+    @triton.jit
+    def _tk_mm_nt(a, b, PREC: tl.constexpr):  # a @ bᵀ
+        return tl.dot(a, tl.trans(b), input_precision=PREC)
+
+    @triton.jit
+    def _tk_mm_tn(a, b, PREC: tl.constexpr):  # aᵀ @ b
+        return tl.dot(tl.trans(a), b, input_precision=PREC)
+
+    # Every tile load is volatile: the compiler then neither merges two loads of one tile nor hoists them, so a tile
+    # that several distant products use is read again from L2 at each (cheap) instead of being parked in shared
+    # memory between them (parked copies took the backward to 464 KB of shared memory at d=64, E=128).
+    @triton.jit
+    def _tk_load(ptr, R: tl.constexpr, K: tl.constexpr):  # row-major (R, K) tile
+        rows, cols = tl.arange(0, R), tl.arange(0, K)
+        return tl.load(ptr + rows[:, None] * K + cols[None, :], volatile=True)
+
+    @triton.jit
+    def _tk_store(ptr, x, R: tl.constexpr, K: tl.constexpr):
+        rows, cols = tl.arange(0, R), tl.arange(0, K)
+        tl.store(ptr + rows[:, None] * K + cols[None, :], x)
+
+    @triton.jit
+    def _tk_load_t(ptr, R: tl.constexpr, K: tl.constexpr):  # the transpose (K, R) of a row-major (R, K) tile
+        rows, cols = tl.arange(0, R), tl.arange(0, K)
+        return tl.load(ptr + rows[None, :] * K + cols[:, None], volatile=True)
+
+    @triton.jit
+    def _tk_hidden(k_ptr, w0_ptr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, ACT: tl.constexpr,
+                   PREC: tl.constexpr):  # a_1 = σ(k W_0ᵀ), recomputed from fresh loads
+        return _tk_act(_tk_mm(_tk_load(k_ptr, C, D), _tk_load_t(w0_ptr, E, D), PREC), ACT)
+
+    # State tiles enter products through pointers, loaded (already transposed where needed) right before each
+    # product: a `tl.trans` of a tile used by several products keeps a shared-memory copy alive between them, and at
+    # d=64, E=128 six such 32 KB copies exceed the 227 KB of shared memory of an H100.
+
+    @triton.jit
+    def _tk_retrieve(h, w_ptr, s_ptr, i_ptr, inp, delta, gs, beta, f, O: tl.constexpr, I: tl.constexpr,
+                     HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+        """Pre-activation of one memory layer (O x I) at every token's own weights M_i, by the dual form:
+        z = β h Wᵀ + f h Sᵀ + (1 - β) h M_initᵀ - (G ∘ h aᵀ) δ (`memory_chunk_update`)."""
+        z = beta[:, None] * _tk_mm(h, _tk_load_t(w_ptr, O, I), PREC)
+        z += f[:, None] * _tk_mm(h, _tk_load_t(s_ptr, O, I), PREC)
+        if HAS_INIT:
+            z += (1.0 - beta[:, None]) * _tk_mm(h, _tk_load_t(i_ptr, O, I), PREC)
+        return z - _tk_mm(gs * _tk_mm_nt(h, inp, PREC), delta, PREC)
+
+    @triton.jit
+    def _tk_new_state(w_ptr, s_ptr, i_ptr, new_w_ptr, new_s_ptr, inp, delta, g_last, n_last, beta_l, f_l, m_l,
+                      O: tl.constexpr, I: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+        """Chunk-end weights and momentum, written to `new_*_ptr`:
+        W' = β_b W + f_b S - (δ ∘ g_b)ᵀ a + (1 - β_b) M_init,  S' = m_b S - (δ ∘ n)ᵀ a."""
+        s = _tk_load(s_ptr, O, I)
+        new_w = beta_l * _tk_load(w_ptr, O, I) + f_l * s - _tk_mm_tn(delta * g_last[:, None], inp, PREC)
+        if HAS_INIT:
+            new_w += (1.0 - beta_l) * _tk_load(i_ptr, O, I)
+        _tk_store(new_w_ptr, new_w, O, I)
+        _tk_store(new_s_ptr, m_l * s - _tk_mm_tn(delta * n_last[:, None], inp, PREC), O, I)
+
+    @triton.jit
+    def _tk_scan_fwd(
+        q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr,
+        w0_ptr, s0_ptr, i0_ptr, w1_ptr, s1_ptr, i1_ptr, out_ptr,
+        n_chunks, heads, state_slots, BH,
+        D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
+        HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        """Program (batch, head) runs `memory_chunk_update` over all chunks; slot c of the state buffers holds the
+        state at the start of chunk c (slot c % state_slots)."""
+        pid = tl.program_id(0).to(tl.int64)
+        head = pid % heads
+        rc = tl.arange(0, C)
+        T = n_chunks * C
+        for c in range(n_chunks):
+            tok = pid * T + c * C  # first token of the chunk in the flattened (B*H*T) rows
+            q = _tk_load(q_ptr + tok * D, C, D)
+            k = _tk_load(k_ptr + tok * D, C, D)
+            v = _tk_load(v_ptr + tok * D, C, D)
+            gs = _tk_load(g_ptr + tok * C, C, C)
+            g_last = tl.load(g_ptr + (tok + C - 1) * C + rc)
+            n_last = tl.load(nl_ptr + tok + rc)
+            beta = tl.load(beta_ptr + tok + rc)
+            f = tl.load(f_ptr + tok + rc)
+            beta_l = tl.load(beta_ptr + tok + C - 1)
+            f_l = tl.load(f_ptr + tok + C - 1)
+            m_l = tl.load(m_ptr + tok + C - 1)
+            cur = (c % state_slots) * BH + pid
+            nxt = ((c + 1) % state_slots) * BH + pid
+            r0 = 1.0 / (1.0 + tl.sum(k * k, 1))  # D19 normalisation of the layer-0 input (the key)
+            if DEPTH == 1:
+                w0, s0, i0 = w0_ptr + cur * D * D, s0_ptr + cur * D * D, i0_ptr + head * D * D
+                # gradient factors at the chunk-start weights (Eq. 12, 16): δ = 2 (W k - v) / (1 + |k|²)
+                d0 = 2.0 * (_tk_mm(k, _tk_load_t(w0, D, D), PREC) - v) * r0[:, None]
+                out = _tk_retrieve(q, w0, s0, i0, k, d0, gs, beta, f, D, D, HAS_INIT, PREC)
+                _tk_new_state(w0, s0, i0, w0_ptr + nxt * D * D, s0_ptr + nxt * D * D, k, d0, g_last, n_last,
+                              beta_l, f_l, m_l, D, D, HAS_INIT, PREC)
+            else:
+                w0, s0, i0 = w0_ptr + cur * E * D, s0_ptr + cur * E * D, i0_ptr + head * E * D
+                w1, s1, i1 = w1_ptr + cur * D * E, s1_ptr + cur * D * E, i1_ptr + head * D * E
+                # forward on the keys with the residual M(k) = k + W1 σ(W0 k), then the analytic deltas
+                z0 = _tk_mm(k, _tk_load_t(w0, E, D), PREC)
+                a1 = _tk_act(z0, ACT)
+                raw1 = 2.0 * (_tk_mm(a1, _tk_load_t(w1, D, E), PREC) + k - v)
+                raw0 = _tk_mm(raw1, _tk_load(w1, D, E), PREC) * _tk_act_grad(z0, ACT)
+                d0 = raw0 * r0[:, None]
+                d1 = raw1 * (1.0 / (1.0 + tl.sum(a1 * a1, 1)))[:, None]
+                h1 = _tk_act(_tk_retrieve(q, w0, s0, i0, k, d0, gs, beta, f, E, D, HAS_INIT, PREC), ACT)
+                out = _tk_retrieve(h1, w1, s1, i1, a1, d1, gs, beta, f, D, E, HAS_INIT, PREC) + q
+                _tk_new_state(w0, s0, i0, w0_ptr + nxt * E * D, s0_ptr + nxt * E * D, k, d0, g_last, n_last,
+                              beta_l, f_l, m_l, E, D, HAS_INIT, PREC)
+                _tk_new_state(w1, s1, i1, w1_ptr + nxt * D * E, s1_ptr + nxt * D * E, a1, d1, g_last, n_last,
+                              beta_l, f_l, m_l, D, E, HAS_INIT, PREC)
+            _tk_store(out_ptr + tok * D, out, C, D)
+            tl.debug_barrier()  # slot c + 1 written by all threads before the next iteration reads it
+
+    @triton.jit
+    def _tk_state_bwd(dw_ptr, ds_ptr, w_ptr, s_ptr, i_ptr, inp, delta, g_last, n_last, O: tl.constexpr,
+                      I: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+        """Backward of the chunk-end state of one layer (`_tk_new_state`) given dW', dS', except its (O x I) terms
+        (added where the W, S, M_init gradients are formed): the scalar gradients of β_b, f_b, m_b, and those of δ,
+        row b of G, n and a."""
+        dw = _tk_load(dw_ptr, O, I)
+        s = _tk_load(s_ptr, O, I)
+        kept = _tk_load(w_ptr, O, I)  # what β scales: W - M_init
+        if HAS_INIT:
+            kept -= _tk_load(i_ptr, O, I)
+        g_beta_l = tl.sum(tl.sum(dw * kept, 1), 0)
+        g_f_l = tl.sum(tl.sum(dw * s, 1), 0)
+        g_m_l = tl.sum(tl.sum(_tk_load(ds_ptr, O, I) * s, 1), 0)
+        a_dw = _tk_mm(inp, _tk_load_t(dw_ptr, O, I), PREC)
+        a_ds = _tk_mm(inp, _tk_load_t(ds_ptr, O, I), PREC)
+        g_delta = -g_last[:, None] * a_dw - n_last[:, None] * a_ds
+        g_g_last = -tl.sum(delta * a_dw, 1)
+        g_n_last = -tl.sum(delta * a_ds, 1)
+        g_inp = -_tk_mm(delta * g_last[:, None], _tk_load(dw_ptr, O, I), PREC)
+        g_inp -= _tk_mm(delta * n_last[:, None], _tk_load(ds_ptr, O, I), PREC)
+        return g_beta_l, g_f_l, g_m_l, g_delta, g_g_last, g_n_last, g_inp
+
+    @triton.jit
+    def _tk_retrieve_bwd(dz, h, w_ptr, s_ptr, i_ptr, dw_ptr, ds_ptr, gs_out_ptr, di_ptr, inp, delta, gs, beta, f,
+                         beta_l, f_l, m_l, O: tl.constexpr, I: tl.constexpr, HAS_INIT: tl.constexpr,
+                         PREC: tl.constexpr):
+        """Backward of `_tk_retrieve` given dz: gradients of h, β, f (per token), δ, G, a and the W-tile gradient
+        β dzᵀ h + β_b dW' (the caller adds the terms through the keys). The momentum gradient
+        f dzᵀ h + f_b dW' + m_b dS' is final here and goes to `gs_out_ptr`; the M_init one,
+        (1 - β) dzᵀ h + (1 - β_b) dW', is added to `di_ptr`."""
+        back_w = _tk_mm(dz, _tk_load(w_ptr, O, I), PREC)
+        back_s = _tk_mm(dz, _tk_load(s_ptr, O, I), PREC)
+        back_kept = back_w
+        g_h = f[:, None] * back_s
+        if HAS_INIT:  # β W + (1 - β) M_init = β (W - M_init) + M_init
+            back_i = _tk_mm(dz, _tk_load(i_ptr, O, I), PREC)
+            back_kept -= back_i
+            g_h += back_i
+        g_h += beta[:, None] * back_kept
+        g_beta = tl.sum(h * back_kept, 1)
+        g_f = tl.sum(h * back_s, 1)
+        dw = _tk_load(dw_ptr, O, I)
+        gw = _tk_mm_tn(beta[:, None] * dz, h, PREC) + beta_l * dw
+        g_s = _tk_mm_tn(f[:, None] * dz, h, PREC) + f_l * dw + m_l * _tk_load(ds_ptr, O, I)
+        _tk_store(gs_out_ptr, g_s, O, I)
+        if HAS_INIT:  # load, barrier, store: a thread must not overwrite what another has yet to read
+            g_i = _tk_mm_tn((1.0 - beta[:, None]) * dz, h, PREC) + (1.0 - beta_l) * dw + _tk_load(di_ptr, O, I)
+            tl.debug_barrier()
+            _tk_store(di_ptr, g_i, O, I)
+        score = _tk_mm_nt(h, inp, PREC)
+        g_score = -_tk_mm_nt(dz, delta, PREC)
+        g_delta = -_tk_mm_tn(gs * score, dz, PREC)
+        g_g = score * g_score
+        g_score = gs * g_score
+        g_h += _tk_mm(g_score, inp, PREC)
+        g_inp = _tk_mm_tn(g_score, h, PREC)
+        return g_h, g_beta, g_f, gw, g_delta, g_g, g_inp
+
+    @triton.jit
+    def _tk_scan_bwd(
+        q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr,
+        w0_ptr, s0_ptr, i0_ptr, w1_ptr, s1_ptr, i1_ptr, dout_ptr,
+        dw0_ptr, ds0_ptr, dw1_ptr, ds1_ptr, di0_ptr, di1_ptr,
+        dq_ptr, dk_ptr, dv_ptr, dg_ptr, dnl_ptr, dbeta_ptr, df_ptr, dm_ptr,
+        n_chunks, heads, BH,
+        D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
+        HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        """Backward of `_tk_scan_fwd` (`memory_chunk_update_backward` per chunk), chunks in reverse: the boundary
+        state of chunk c is read from the forward's buffers (slot c), the gradients of the chunk-end state from the
+        2-slot scratch (slot (c + 1) % 2), and those of the chunk-start state go to slot c % 2. The M_init gradients
+        accumulate per (batch, head) in di*."""
+        pid = tl.program_id(0).to(tl.int64)
+        head = pid % heads
+        rc = tl.arange(0, C)
+        T = n_chunks * C
+        last_row = rc == C - 1
+        for step in range(n_chunks):
+            c = n_chunks - 1 - step
+            tok = pid * T + c * C
+            q = _tk_load(q_ptr + tok * D, C, D)
+            k = _tk_load(k_ptr + tok * D, C, D)
+            v = _tk_load(v_ptr + tok * D, C, D)
+            dout = _tk_load(dout_ptr + tok * D, C, D)
+            gs = _tk_load(g_ptr + tok * C, C, C)
+            g_last = tl.load(g_ptr + (tok + C - 1) * C + rc)
+            n_last = tl.load(nl_ptr + tok + rc)
+            beta = tl.load(beta_ptr + tok + rc)
+            f = tl.load(f_ptr + tok + rc)
+            beta_l = tl.load(beta_ptr + tok + C - 1)
+            f_l = tl.load(f_ptr + tok + C - 1)
+            m_l = tl.load(m_ptr + tok + C - 1)
+            cur = c * BH + pid  # boundary state of chunk c
+            g_in = ((c + 1) % 2) * BH + pid  # gradient of the chunk-end state
+            g_out = (c % 2) * BH + pid  # gradient of the chunk-start state
+            r0 = 1.0 / (1.0 + tl.sum(k * k, 1))
+            if DEPTH == 1:
+                w0, s0, i0 = w0_ptr + cur * D * D, s0_ptr + cur * D * D, i0_ptr + head * D * D
+                dw0, ds0, di0 = dw0_ptr + g_in * D * D, ds0_ptr + g_in * D * D, di0_ptr + pid * D * D
+                raw0 = 2.0 * (_tk_mm(k, _tk_load_t(w0, D, D), PREC) - v)
+                d0 = raw0 * r0[:, None]
+                g_beta_l, g_f_l, g_m_l, gd0, g_g_last, g_n, ga0 = _tk_state_bwd(
+                    dw0, ds0, w0, s0, i0, k, d0, g_last, n_last, D, D, HAS_INIT, PREC)
+                # retrieval (one layer, no residual): out = z
+                g_q, g_beta, g_f, gw0, gd_, g_g, ga_ = _tk_retrieve_bwd(
+                    dout, q, w0, s0, i0, dw0, ds0, ds0_ptr + g_out * D * D, di0, k, d0, gs, beta, f,
+                    beta_l, f_l, m_l, D, D, HAS_INIT, PREC)
+                gd0 += gd_
+                ga0 += ga_
+                # D19 normalisation δ = raw r, r = 1 / (1 + |k|²)
+                ga0 -= (2.0 * tl.sum(gd0 * raw0, 1) * r0 * r0)[:, None] * k
+                g_pred = 2.0 * gd0 * r0[:, None]
+                g_v = -g_pred
+                gw0 += _tk_mm_tn(g_pred, k, PREC)
+                g_k = ga0 + _tk_mm(g_pred, _tk_load(w0, D, D), PREC)
+                _tk_store(dw0_ptr + g_out * D * D, gw0, D, D)
+            else:
+                w0, s0, i0 = w0_ptr + cur * E * D, s0_ptr + cur * E * D, i0_ptr + head * E * D
+                w1, s1, i1 = w1_ptr + cur * D * E, s1_ptr + cur * D * E, i1_ptr + head * D * E
+                # q, k and a_1 = σ(k W_0ᵀ) are read / recomputed again at each distant use (see `_tk_load`)
+                qp, kp = q_ptr + tok * D, k_ptr + tok * D
+                dw0, ds0, di0 = dw0_ptr + g_in * E * D, ds0_ptr + g_in * E * D, di0_ptr + pid * E * D
+                dw1, ds1, di1 = dw1_ptr + g_in * D * E, ds1_ptr + g_in * D * E, di1_ptr + pid * D * E
+                z0 = _tk_mm(k, _tk_load_t(w0, E, D), PREC)
+                a1 = _tk_act(z0, ACT)
+                slope0 = _tk_act_grad(z0, ACT)
+                raw1 = 2.0 * (_tk_mm(a1, _tk_load_t(w1, D, E), PREC) + k - v)
+                carried0 = _tk_mm(raw1, _tk_load(w1, D, E), PREC)
+                raw0 = carried0 * slope0
+                r1 = 1.0 / (1.0 + tl.sum(a1 * a1, 1))
+                d0 = raw0 * r0[:, None]
+                d1 = raw1 * r1[:, None]
+                # chunk-end states
+                g_beta_l, g_f_l, g_m_l, gd0, g_g_last, g_n, ga0 = _tk_state_bwd(
+                    dw0, ds0, w0, s0, i0, _tk_load(kp, C, D), d0, g_last, n_last, E, D, HAS_INIT, PREC)
+                gb1, gf1, gm1, gd1, gg1, gn1, ga1 = _tk_state_bwd(
+                    dw1, ds1, w1, s1, i1, _tk_hidden(kp, w0, C, D, E, ACT, PREC), d1, g_last, n_last, D, E, HAS_INIT,
+                    PREC)
+                g_beta_l += gb1
+                g_f_l += gf1
+                g_m_l += gm1
+                g_g_last += gg1
+                g_n += gn1
+                # retrieval: recompute z of layer 0 and h1 = σ(z), then back from the output (out = z1 + q)
+                zq = _tk_retrieve(_tk_load(qp, C, D), w0, s0, i0, _tk_load(kp, C, D), d0, gs, beta, f, E, D, HAS_INIT,
+                                  PREC)
+                h1 = _tk_act(zq, ACT)
+                g_h, g_beta, g_f, gw1, gd_, g_g, ga_ = _tk_retrieve_bwd(
+                    _tk_load(dout_ptr + tok * D, C, D), h1, w1, s1, i1, dw1, ds1, ds1_ptr + g_out * D * E, di1,
+                    _tk_hidden(kp, w0, C, D, E, ACT, PREC), d1, gs, beta, f, beta_l, f_l, m_l, D, E, HAS_INIT, PREC)
+                gd1 += gd_
+                ga1 += ga_
+                g_h, g_beta_, g_f_, gw0, gd_, g_g_, ga_ = _tk_retrieve_bwd(
+                    g_h * _tk_act_grad(zq, ACT), _tk_load(qp, C, D), w0, s0, i0, dw0, ds0, ds0_ptr + g_out * E * D,
+                    di0, _tk_load(kp, C, D), d0, gs, beta, f, beta_l, f_l, m_l, E, D, HAS_INIT, PREC)
+                g_beta += g_beta_
+                g_f += g_f_
+                g_g += g_g_
+                gd0 += gd_
+                ga0 += ga_
+                g_q = dout + g_h
+                # D19 normalisation of both layers' deltas
+                ga0 -= (2.0 * tl.sum(gd0 * raw0, 1) * r0 * r0)[:, None] * k
+                gd0 = gd0 * r0[:, None]
+                ga1 -= (2.0 * tl.sum(gd1 * raw1, 1) * r1 * r1)[:, None] * a1
+                gd1 = gd1 * r1[:, None]
+                # δ_0 = (δ_1 W_1) ∘ σ'(z_0): its backward needs σ''
+                g_carried = gd0 * slope0
+                z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0, E, D), PREC)  # recomputed, not kept
+                g_pre0 = gd0 * carried0 * _tk_act_grad2(z0, ACT)
+                gd1 += _tk_mm(g_carried, _tk_load_t(w1, D, E), PREC)
+                gw1 += _tk_mm_tn(raw1, g_carried, PREC)
+                g_pred = 2.0 * gd1
+                g_v = -g_pred
+                # forward on the keys: a_1 = σ(k W_0ᵀ), M(k) = a_1 W_1ᵀ + k
+                gw1 += _tk_mm_tn(g_pred, _tk_hidden(kp, w0, C, D, E, ACT, PREC), PREC)
+                dz0 = (ga1 + _tk_mm(g_pred, _tk_load(w1, D, E), PREC)) * slope0 + g_pre0
+                gw0 += _tk_mm_tn(dz0, _tk_load(kp, C, D), PREC)
+                g_k = g_pred + ga0 + _tk_mm(dz0, _tk_load(w0, E, D), PREC)
+                _tk_store(dw0_ptr + g_out * E * D, gw0, E, D)
+                _tk_store(dw1_ptr + g_out * D * E, gw1, D, E)
+            _tk_store(dq_ptr + tok * D, g_q, C, D)
+            _tk_store(dk_ptr + tok * D, g_k, C, D)
+            _tk_store(dv_ptr + tok * D, g_v, C, D)
+            # row b of G, β_b, f_b, m_b also reach the chunk end
+            _tk_store(dg_ptr + tok * C, g_g + tl.where(last_row[:, None], g_g_last[None, :], 0.0), C, C)
+            tl.store(dnl_ptr + tok + rc, g_n)
+            tl.store(dbeta_ptr + tok + rc, g_beta + tl.where(last_row, g_beta_l, 0.0))
+            tl.store(df_ptr + tok + rc, g_f + tl.where(last_row, g_f_l, 0.0))
+            tl.store(dm_ptr + tok + rc, tl.where(last_row, g_m_l, 0.0))
+            tl.debug_barrier()  # slot c % 2 written by all threads before chunk c - 1 reads it
+
+
+def _triton_args(depth, layers, placeholder):
+    """Pointers of layer 1 for depth 1 are never read: any tensor will do."""
+    return layers if depth == 2 else (*layers, *([placeholder] * (2 - len(layers))))
+
+
+def _triton_scan_forward(weights, momentum, initial, sequence, chunk_size, activation, keep_states):
+    """Fused forward scan. Returns (outputs, final weights, final momentum, boundary states or None); the boundary
+    states are the (n_chunks + 1, B, H, d_out, d_in) buffers per layer, slot c = state at the start of chunk c."""
+    q, k, v, g, n_last, beta, f, m = (t.contiguous() for t in sequence)
+    depth, (B, H, T, D) = len(weights), q.shape
+    n_chunks = T // chunk_size
+    E = weights[0].shape[-2] if depth == 2 else D
+    slots = n_chunks + 1 if keep_states else 2
+    states_w, states_s = [], []
+    for w, s in zip(weights, momentum):
+        buf_w = q.new_empty(slots, B, H, *w.shape[-2:])
+        buf_s = q.new_empty(slots, B, H, *s.shape[-2:])
+        buf_w[0] = w
+        buf_s[0] = s
+        states_w.append(buf_w)
+        states_s.append(buf_s)
+    init = [t.contiguous() for t in initial] if initial else [q] * depth
+    out = torch.empty_like(q)
+    w_args = _triton_args(depth, states_w, q)
+    s_args = _triton_args(depth, states_s, q)
+    i_args = _triton_args(depth, init, q)
+    _tk_scan_fwd[(B * H,)](
+        q, k, v, g, n_last, beta, f, m,
+        w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], out,
+        n_chunks, H, slots, B * H,
+        D=D, E=E, C=chunk_size, DEPTH=depth, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
+        PREC=_TRITON_PRECISION, num_warps=8 if E >= 128 else 4, num_stages=1,
+    )  # fmt: skip
+    last = n_chunks % slots
+    final_w = tuple(b[last].clone() for b in states_w)
+    final_s = tuple(b[last].clone() for b in states_s)
+    return out, final_w, final_s, ((states_w, states_s) if keep_states else None)
+
+
+
+def _triton_scan_backward(boundaries, initial, sequence, grad_out, grad_w, grad_s, chunk_size, activation):
+    """Fused backward scan from the forward's boundary buffers. Returns the gradients of (weights, momentum) at the
+    scan start (batch B), of `initial` (batch 1, summed over the batch) and of the 8 sequence inputs."""
+    states_w, states_s = boundaries
+    q, k, v, g, n_last, beta, f, m = (t.contiguous() for t in sequence)
+    depth, (B, H, T, D) = len(states_w), q.shape
+    n_chunks = T // chunk_size
+    E = states_w[0].shape[-2] if depth == 2 else D
+    scratch_w, scratch_s = [], []
+    for buf, grad in zip((*states_w, *states_s), (*grad_w, *grad_s)):
+        scratch = q.new_zeros(2, *buf.shape[1:])
+        if grad is not None:
+            scratch[n_chunks % 2] = grad
+        (scratch_w if len(scratch_w) < depth else scratch_s).append(scratch)
+    grad_init = [q.new_zeros(B, H, *t.shape[-2:]) for t in initial] if initial else [q] * depth
+    init = [t.contiguous() for t in initial] if initial else [q] * depth
+    grads = [torch.empty_like(t) for t in (q, k, v, g, n_last, beta, f, m)]
+    w_args, s_args = _triton_args(depth, states_w, q), _triton_args(depth, states_s, q)
+    i_args, di_args = _triton_args(depth, init, q), _triton_args(depth, grad_init, q)
+    dw_args, ds_args = _triton_args(depth, scratch_w, q), _triton_args(depth, scratch_s, q)
+    grad_out = q.new_zeros(()).expand_as(q).contiguous() if grad_out is None else grad_out.contiguous()
+    _tk_scan_bwd[(B * H,)](
+        q, k, v, g, n_last, beta, f, m,
+        w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], grad_out,
+        dw_args[0], ds_args[0], dw_args[1], ds_args[1], di_args[0], di_args[1],
+        *grads,
+        n_chunks, H, B * H,
+        D=D, E=E, C=chunk_size, DEPTH=depth, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
+        PREC=_TRITON_PRECISION, num_warps=8 if E >= 128 else 4, num_stages=1,
+    )  # fmt: skip
+    grad_initial = tuple(t.sum(0, keepdim=True) for t in grad_init) if initial else ()
+    return tuple(t[0] for t in scratch_w), tuple(t[0] for t in scratch_s), grad_initial, grads
 
 
 def _compact(x: torch.Tensor, valid: torch.Tensor):

@@ -9,6 +9,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Triton (optional) picks compiled or interpreted kernels when it is imported: without a GPU, interpret them
+# (numpy-backed) so that tests/test_triton_scan.py runs the fused memory scan here. Nothing else uses triton on CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
