@@ -665,8 +665,13 @@ if _TRITON_PRECISION not in ("ieee", "tf32", "tf32x3"):
 
 
 def _memory_kernel_mode() -> str:
-    mode = os.environ.get("TITANS_MEMORY_KERNEL", "auto").lower()
-    return mode if mode in ("auto", "triton", "torch") else "auto"
+    """TITANS_MEMORY_KERNEL: `torch` (default), `auto` (the kernels on CUDA tensors, the PyTorch scan otherwise) or
+    `triton`. Opt-in: the kernels match the PyTorch scan in Triton's interpreter (tests/test_triton_scan.py) but have
+    not yet been run on a GPU in this repository (model card, Limitations)."""
+    mode = os.environ.get("TITANS_MEMORY_KERNEL", "torch").lower()
+    if mode not in ("auto", "triton", "torch"):
+        raise ValueError(f"TITANS_MEMORY_KERNEL={mode!r}: expected 'torch', 'auto' or 'triton'")
+    return mode
 
 
 _TRITON_FAILED: dict = {}  # kernel configuration -> error, for kernels that failed to compile or launch

@@ -1092,7 +1092,8 @@ def main(argv=None) -> int:
                      capped_steps=args.capped_steps, isolation=isolation, device=args.device, quick=q, dims=dims,
                      tp_max_train_len=args.tp_max_train_len, timeout_s=args.timeout, max_rss_gib=args.max_rss_gib,
                      max_position_embeddings=max_len, dtype=args.dtype,
-                     titans_attn=args.titans_attn),  # fmt: skip
+                     titans_attn=args.titans_attn,
+                     memory_kernel=os.environ.get("TITANS_MEMORY_KERNEL", "torch")),  # fmt: skip
         "method": {
             "train": "tokens/s = batch*length / median(step), step = forward (loss on all positions) + backward, "
                      "zero_grad between steps, no optimiser step; random token ids (seed 1234); float32 weights, "

@@ -100,7 +100,15 @@ def main():
     parser.add_argument("--check-length", type=int, default=4096)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--activation", default="silu")
+    parser.add_argument("--output", default=None, help="also write the final JSON here")
     args = parser.parse_args()
+
+    def report(result):
+        print(json.dumps(result), flush=True)
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=1)
+
     B, H, d, E, C = 4, 4, 64, 128, 64
     depth, act = args.depth, args.activation
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
@@ -114,7 +122,7 @@ def main():
         result["triton"] = None
     if not torch.cuda.is_available() or result["triton"] is None:
         result["error"] = "needs CUDA and triton"
-        print(json.dumps(result))
+        report(result)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # the PyTorch reference in full fp32
     torch.backends.cudnn.allow_tf32 = False
@@ -145,11 +153,11 @@ def main():
         result["tolerance_rel"] = tol
         ok = max(rels) <= tol and all(r == r for r in rels)
         result["kernels"] = kernel_info()
-        print(json.dumps({"phase": "check", **result}), flush=True)
+        report({"phase": "check", **result})  # written now too: the timings below may not finish
     except Exception as e:  # kernel failed to compile or run: report, do not crash
         traceback.print_exc()
         result["error"] = f"{type(e).__name__}: {e}"[:2000]
-        print(json.dumps(result))
+        report(result)
         return 1
     timings = {}
     for T in args.lengths:
@@ -173,7 +181,7 @@ def main():
     result["timings"] = timings
     result["fallbacks"] = dict((str(k), v) for k, v in mt._TRITON_FAILED.items())
     result["ok"] = bool(ok)
-    print(json.dumps(result))
+    report(result)
     return 0 if ok else 1
 
 

@@ -161,11 +161,16 @@ def test_unsupported_shapes_fall_back(spy):
 
 
 def test_dispatch_switch(monkeypatch):
-    """TITANS_MEMORY_KERNEL: `torch` never uses the kernel; `auto` only on CUDA tensors; `triton` also on CPU tensors
+    """TITANS_MEMORY_KERNEL: unset or `torch` never uses the kernel, an unknown value is an error; `auto` only on CUDA tensors; `triton` also on CPU tensors
     under the interpreter."""
     tensors = _problem(1, False)
+    monkeypatch.delenv("TITANS_MEMORY_KERNEL", raising=False)  # opt-in: the default is the PyTorch scan
+    assert not mt._use_triton_scan(tensors, 1, C, "silu", None)
     monkeypatch.setenv("TITANS_MEMORY_KERNEL", "torch")
     assert not mt._use_triton_scan(tensors, 1, C, "silu", None)
+    monkeypatch.setenv("TITANS_MEMORY_KERNEL", "fused")
+    with pytest.raises(ValueError, match="TITANS_MEMORY_KERNEL"):
+        mt._use_triton_scan(tensors, 1, C, "silu", None)
     monkeypatch.setenv("TITANS_MEMORY_KERNEL", "auto")
     assert mt._use_triton_scan(tensors, 1, C, "silu", None) == (DEVICE.type == "cuda")
     monkeypatch.setenv("TITANS_MEMORY_KERNEL", "triton")
