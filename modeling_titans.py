@@ -783,6 +783,25 @@ if triton is not None:
                    PREC: tl.constexpr):  # a_1 = σ(k W_0ᵀ), recomputed from fresh loads
         return _tk_act(_tk_mm(_tk_load(k_ptr, C, D), _tk_load_t(w0_ptr, E, D), PREC), ACT)
 
+    @triton.jit
+    def _tk_load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr, tok, D: tl.constexpr,
+                       C: tl.constexpr):
+        """The inputs of one chunk starting at row `tok`: q, k, v (C x D), its G block (C x C) and last row, and the
+        per-token coefficients n_last, β, f with the chunk-end scalars β_b, f_b, m_b (`memory_chunk_coefficients`)."""
+        rc = tl.arange(0, C)
+        q = _tk_load(q_ptr + tok * D, C, D)
+        k = _tk_load(k_ptr + tok * D, C, D)
+        v = _tk_load(v_ptr + tok * D, C, D)
+        gs = _tk_load(g_ptr + tok * C, C, C)
+        g_last = tl.load(g_ptr + (tok + C - 1) * C + rc)
+        n_last = tl.load(nl_ptr + tok + rc)
+        beta = tl.load(beta_ptr + tok + rc)
+        f = tl.load(f_ptr + tok + rc)
+        beta_l = tl.load(beta_ptr + tok + C - 1)
+        f_l = tl.load(f_ptr + tok + C - 1)
+        m_l = tl.load(m_ptr + tok + C - 1)
+        return q, k, v, gs, g_last, n_last, beta, f, beta_l, f_l, m_l
+
     # State tiles enter products through pointers, loaded (already transposed where needed) right before each
     # product: a `tl.trans` of a tile used by several products keeps a shared-memory copy alive between them, and at
     # d=64, E=128 six such 32 KB copies exceed the 227 KB of shared memory of an H100.
@@ -822,21 +841,11 @@ if triton is not None:
         state at the start of chunk c (slot c % state_slots)."""
         pid = tl.program_id(0).to(tl.int64)
         head = pid % heads
-        rc = tl.arange(0, C)
         T = n_chunks * C
         for c in range(n_chunks):
             tok = pid * T + c * C  # first token of the chunk in the flattened (B*H*T) rows
-            q = _tk_load(q_ptr + tok * D, C, D)
-            k = _tk_load(k_ptr + tok * D, C, D)
-            v = _tk_load(v_ptr + tok * D, C, D)
-            gs = _tk_load(g_ptr + tok * C, C, C)
-            g_last = tl.load(g_ptr + (tok + C - 1) * C + rc)
-            n_last = tl.load(nl_ptr + tok + rc)
-            beta = tl.load(beta_ptr + tok + rc)
-            f = tl.load(f_ptr + tok + rc)
-            beta_l = tl.load(beta_ptr + tok + C - 1)
-            f_l = tl.load(f_ptr + tok + C - 1)
-            m_l = tl.load(m_ptr + tok + C - 1)
+            q, k, v, gs, g_last, n_last, beta, f, beta_l, f_l, m_l = _tk_load_chunk(
+                q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr, tok, D, C)
             cur = (c % state_slots) * BH + pid
             nxt = ((c + 1) % state_slots) * BH + pid
             r0 = 1.0 / (1.0 + tl.sum(k * k, 1))  # D19 normalisation of the layer-0 input (the key)
@@ -947,18 +956,9 @@ if triton is not None:
         for step in range(n_chunks):
             c = n_chunks - 1 - step
             tok = pid * T + c * C
-            q = _tk_load(q_ptr + tok * D, C, D)
-            k = _tk_load(k_ptr + tok * D, C, D)
-            v = _tk_load(v_ptr + tok * D, C, D)
+            q, k, v, gs, g_last, n_last, beta, f, beta_l, f_l, m_l = _tk_load_chunk(
+                q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr, tok, D, C)
             dout = _tk_load(dout_ptr + tok * D, C, D)
-            gs = _tk_load(g_ptr + tok * C, C, C)
-            g_last = tl.load(g_ptr + (tok + C - 1) * C + rc)
-            n_last = tl.load(nl_ptr + tok + rc)
-            beta = tl.load(beta_ptr + tok + rc)
-            f = tl.load(f_ptr + tok + rc)
-            beta_l = tl.load(beta_ptr + tok + C - 1)
-            f_l = tl.load(f_ptr + tok + C - 1)
-            m_l = tl.load(m_ptr + tok + C - 1)
             cur = c * BH + pid  # boundary state of chunk c
             g_in = ((c + 1) % 2) * BH + pid  # gradient of the chunk-end state
             g_out = (c % 2) * BH + pid  # gradient of the chunk-start state

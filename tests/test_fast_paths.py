@@ -8,9 +8,10 @@ from conftest import tiny_model
 from modeling_titans import TitansCache
 
 
-def test_bf16_model_tracks_fp32_and_keeps_fp32_memory_state(variant):
-    model = tiny_model(variant, scale=0.1)
-    ids = torch.randint(2, 64, (2, 40))
+def check_bf16_model_tracks_fp32(variant, device="cpu"):
+    """A bf16 model (weights and activations) against its fp32 self; the memory state stays fp32 (D16)."""
+    model = tiny_model(variant, scale=0.1).to(device)
+    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(4)).to(device)
     with torch.no_grad():
         reference = model(ids).logits
         model = model.to(torch.bfloat16)
@@ -22,7 +23,12 @@ def test_bf16_model_tracks_fp32_and_keeps_fp32_memory_state(variant):
     assert (fast.float().argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
     for layer in cache.layers:
         if layer.memory is not None:
-            assert all(w.dtype == torch.float32 for w in layer.memory.weights + layer.memory.momentum)
+            for w in layer.memory.weights + layer.memory.momentum:
+                assert w.dtype == torch.float32 and w.device.type == torch.device(device).type
+
+
+def test_bf16_model_tracks_fp32_and_keeps_fp32_memory_state(variant):
+    check_bf16_model_tracks_fp32(variant)
 
 
 def test_training_path_equals_streaming_path(variant):
@@ -91,14 +97,15 @@ def test_pieces_of_long_inputs_equal_one_piece(variant, monkeypatch, conv_size):
             torch.testing.assert_close(g, one, atol=1e-5, rtol=1e-4)
 
 
-def test_autocast_leaves_the_memory_in_fp32(variant):
+def check_autocast_leaves_the_memory_in_fp32(variant, device="cpu"):
     """Under torch.autocast (Trainer --bf16) the inner optimisation stays fp32 (model card D16): the memory scan gives
     bit-identical results with and without autocast, while the rest of the model runs in bf16 and tracks fp32."""
     from modeling_titans import memory_scan
 
-    model = tiny_model(variant, scale=0.1).train()  # (at scale 0.3 the random attention is so sharp that bf16 moves it)
-    layer = next(layer for layer in model.model.layers if layer.memory is not None).memory
-    x = torch.randn(2, 16, model.config.hidden_size)
+    model = tiny_model(variant, scale=0.1).train().to(device)  # (at scale 0.3 the random attention is so sharp that
+    layer = next(layer for layer in model.model.layers if layer.memory is not None).memory  # bf16 moves it)
+    autocast = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)  # noqa: E731
+    x = torch.randn(2, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         q, k, v, _ = layer._qkv(x, None)
         gates = layer._gates(x)
@@ -106,18 +113,18 @@ def test_autocast_leaves_the_memory_in_fp32(variant):
         args = (weights, tuple(torch.zeros_like(w) for w in weights), q, k, v, *gates.unbind(-1), layer.chunk_size,
                 layer.activation)  # fmt: skip
         plain = memory_scan(*args, initial=layer._initial_weights())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             mixed = memory_scan(*args, initial=layer._initial_weights())
     for a, b in zip((plain[0], *plain[1], *plain[2]), (mixed[0], *mixed[1], *mixed[2])):
         assert b.dtype == torch.float32
         torch.testing.assert_close(b, a, atol=0, rtol=0)
 
-    ids = torch.randint(2, 64, (2, 24))
+    ids = torch.randint(2, 64, (2, 24), generator=torch.Generator().manual_seed(2)).to(device)
     reference = model(ids, labels=ids)
     reference.loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         out = model(ids, labels=ids)
     out.loss.backward()
     # bf16 projections/attention: stated tolerance 1% on the loss; the whole gradient (all parameters as one vector)
@@ -126,3 +133,7 @@ def test_autocast_leaves_the_memory_in_fp32(variant):
     mixed = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert torch.isfinite(mixed).all()
     assert F.cosine_similarity(mixed, torch.cat([g.flatten() for g in grads]), dim=0) >= 0.999
+
+
+def test_autocast_leaves_the_memory_in_fp32(variant):
+    check_autocast_leaves_the_memory_in_fp32(variant)

@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_model
 from reference import reference_memory
+from test_fast_paths import check_autocast_leaves_the_memory_in_fp32, check_bf16_model_tracks_fp32
 from test_memory import _random_problem, _scan
 
-from modeling_titans import TitansCache, memory_scan
+from modeling_titans import TitansCache
 
 
 # TITANS_TEST_GPU_DEVICE=cpu dry-runs this file's logic without a GPU
@@ -110,46 +110,11 @@ def test_cuda_attention_backends_match_eager(variant, impl):
 
 def test_cuda_autocast_keeps_the_memory_fp32(variant):
     """bf16 autocast on CUDA: the memory scan is bit-identical to fp32 (D16), the model tracks fp32."""
-    model = tiny_model(variant, scale=0.1).train().to(CUDA)
-    layer = next(layer for layer in model.model.layers if layer.memory is not None).memory
-    x = torch.randn(2, 16, model.config.hidden_size, device=CUDA)
-    with torch.no_grad():
-        q, k, v, _ = layer._qkv(x, None)
-        gates = layer._gates(x)
-        weights = tuple(w.unsqueeze(0).expand(2, *w.shape) for w in layer.memory_weights)
-        args = (weights, tuple(torch.zeros_like(w) for w in weights), q, k, v, *gates.unbind(-1), layer.chunk_size,
-                layer.activation)  # fmt: skip
-        plain = memory_scan(*args, initial=layer._initial_weights())
-        with torch.autocast(CUDA, dtype=torch.bfloat16):
-            mixed = memory_scan(*args, initial=layer._initial_weights())
-    for a, b in zip((plain[0], *plain[1], *plain[2]), (mixed[0], *mixed[1], *mixed[2])):
-        assert b.dtype == torch.float32
-        torch.testing.assert_close(b, a, atol=0, rtol=0)
-    ids = torch.randint(2, 64, (2, 24), generator=torch.Generator().manual_seed(2)).to(CUDA)
-    ref_logits, ref_grads = _loss_and_grads(model, ids)
-    with torch.autocast(CUDA, dtype=torch.bfloat16):
-        out = model(ids, labels=ids)
-    out.loss.backward()
-    mixed = torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
-    reference = torch.cat([g.flatten() for g in ref_grads])
-    assert torch.isfinite(mixed).all()
-    assert F.cosine_similarity(mixed, reference, dim=0) >= 0.999  # same tolerance as the CPU test
-    assert (out.logits.float().cpu() - ref_logits).abs().max() <= 0.05 * ref_logits.abs().max()
+    check_autocast_leaves_the_memory_in_fp32(variant, CUDA)
 
 
 def test_cuda_bf16_weights_keep_an_fp32_memory_state(variant):
-    model = tiny_model(variant, scale=0.1).to(CUDA)
-    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(4)).to(CUDA)
-    with torch.no_grad():
-        reference = model(ids).logits
-        model = model.to(torch.bfloat16)
-        cache = TitansCache(model.config)
-        fast = model(ids, past_key_values=cache, use_cache=True).logits
-    assert fast.dtype == torch.bfloat16
-    assert (fast.float() - reference).abs().max() <= 0.05 * reference.abs().max()
-    for layer in cache.layers:
-        if layer.memory is not None:
-            assert all(w.dtype == torch.float32 and w.device.type == torch.device(CUDA).type for w in layer.memory.weights + layer.memory.momentum)
+    check_bf16_model_tracks_fp32(variant, CUDA)
 
 
 def test_cuda_anchor_sized_training_path_equals_streaming_path(variant):
