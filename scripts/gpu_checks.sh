@@ -12,6 +12,9 @@
 # Usage: OUT=/tmp/gpu bash scripts/gpu_checks.sh [stage ...]   (default: all, in the order above)
 # Each stage has its own time limit; a stage that fails or times out does not stop the others. The logs are packed
 # into $OUT/logs.tgz at the end (the device tool returns at most 8 files); JSON results stay beside it.
+# Machines without a package registry: put the pinned wheels the image lacks in .whl/ (on 2026-11-26 the H200 image
+# had transformers 5.17 and no datasets: transformers==5.23.0 datasets==5.2.0 dill multiprocess regex, downloaded
+# with `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`); they are installed to /tmp/site.
 # The first use of the Triton kernels compiles them (about 20 s forward and 2 min backward on a slow CPU; cached
 # in ~/.triton/cache for the stages after it).
 set -u
