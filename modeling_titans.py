@@ -661,7 +661,7 @@ _TRITON_ACTIVATIONS = {"silu": 0, "gelu": 1, "tanh": 2}
 # 192 / 208 KB with tf32, of the 227 KB an H100/H200 block may use.
 _TRITON_PRECISION = os.environ.get("TITANS_MEMORY_KERNEL_PRECISION", "tf32x3")
 if _TRITON_PRECISION not in ("ieee", "tf32", "tf32x3"):
-    _TRITON_PRECISION = "tf32x3"
+    raise ValueError(f"TITANS_MEMORY_KERNEL_PRECISION={_TRITON_PRECISION!r}: expected 'tf32x3', 'tf32' or 'ieee'")
 
 
 def _memory_kernel_mode() -> str:
