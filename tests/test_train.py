@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, tiny_config
+from conftest import ROOT, TINY, VARIANTS, tiny_config
 
 
 SCRIPTS = os.path.join(ROOT, "scripts")
@@ -197,7 +197,7 @@ def test_train_script_end_to_end(tmp_path, corpus):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# (c) two CPU processes under torchrun (gloo DDP)
+# (c) two CPU processes under torchrun (gloo): DDP through train.py, FSDP2 sharding
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -221,6 +221,32 @@ def test_train_script_ddp_two_processes(tmp_path, corpus):
     assert logs[0]["param_checksum"] == logs[1]["param_checksum"]
     assert all(log["sharded_parameters"] == 0 and log["local_elements"] == log["total_elements"] for log in logs)
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_matches_one_process(tmp_path):
+    """FSDP2 over two CPU ranks (gloo), sharded by `_no_split_modules` as accelerate does on GPUs: the loss, every
+    gradient, an AdamW step and the gathered, saved and reloaded checkpoint equal the unsharded model (all variants).
+    Trainer itself turns FSDP on only on accelerators; the GPU run through train.py is in results/gpu_h200/."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(os.path.dirname(__file__), "fsdp_worker.py"), str(tmp_path)],
+        env=script_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [log["rank"] for log in logs] == [0, 1] and all(log["world_size"] == 2 for log in logs)
+    for variant in VARIANTS:
+        for log in logs:
+            r = log["variants"][variant]
+            assert r["units"] == ["FSDPTitansDecoderLayer"] * 2, r["units"]
+            # every parameter (memory weights and gates included) is a DTensor; each rank holds about half
+            assert r["sharded_parameters"] == r["parameters"] and r["local_elements"] < 0.6 * r["total_elements"], r
+            assert abs(sum(r["rank_losses"]) / 2 - r["ref_loss"]) < 1e-5, (variant, r)
+            assert r["grad_err"] < 1e-4 and r["param_err"] < 1e-3 and r["logits_err_after_step"] < 1e-4, (variant, r)
+        assert logs[0]["variants"][variant]["rank_losses"] == logs[1]["variants"][variant]["rank_losses"]
+        saved = logs[0]["variants"][variant]
+        assert saved["reload_err"] < 1e-4 and "model.safetensors" in saved["saved_files"], saved
 
 
 # ----------------------------------------------------------------------------------------------------------------
