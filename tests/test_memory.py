@@ -256,3 +256,26 @@ def test_one_token_steps_equal_the_chunk_form(prefix, ablation):
     assert state.current_weights is not None  # the recurrence was used
     stream = torch.cat(outputs, 1)
     torch.testing.assert_close(stream[valid], full[valid], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", [1, 4])
+def test_short_conv_equals_conv1d(kernel):
+    """The shifted-sum ShortConv (channels last) against F.conv1d, its gradients by autograd's numerical check, and
+    in bf16 against the fp32 result."""
+    from modeling_titans import _CausalDepthwiseConv
+
+    gen = torch.Generator().manual_seed(0)
+    padded = torch.randn(2, 9 + kernel - 1, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, kernel, generator=gen, dtype=torch.float64, requires_grad=True)
+    expected = F.conv1d(padded.transpose(1, 2), weight.unsqueeze(1), groups=6).transpose(1, 2)
+    out = _CausalDepthwiseConv.apply(padded, weight)
+    assert out.is_contiguous() and torch.allclose(out, expected, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(_CausalDepthwiseConv.apply, (padded, weight))
+    # with only one of the two inputs requiring a gradient
+    assert torch.autograd.gradcheck(_CausalDepthwiseConv.apply, (padded.detach().requires_grad_(), weight.detach()))
+    assert torch.autograd.gradcheck(_CausalDepthwiseConv.apply, (padded.detach(), weight.detach().requires_grad_()))
+    half = _CausalDepthwiseConv.apply(padded.detach().bfloat16(), weight.detach().bfloat16())
+    assert half.dtype == torch.bfloat16
+    exact = F.conv1d(padded.detach().bfloat16().double().transpose(1, 2), weight.detach().bfloat16().double().unsqueeze(1),
+                     groups=6).transpose(1, 2)  # fmt: skip
+    assert torch.allclose(half.double(), exact, rtol=8e-3, atol=1e-2)  # one bf16 rounding of an fp32 sum
