@@ -528,13 +528,29 @@ def _select(select_chunk, c, new, old):
     return tuple(torch.where(take, n, o) for n, o in zip(new, old))
 
 
+@functools.cache
+def _compiled_chunk_functions():
+    # Inductor fuses the elementwise work of a chunk (C++ on CPU, Triton on GPU). Every chunk has the same shapes, so
+    # one graph is compiled on first use (~30 s on CPU at the anchor size) and serves all chunks.
+    return torch.compile(memory_chunk_update), torch.compile(memory_chunk_update_backward)
+
+
+def _chunk_functions():
+    """(forward, backward) of one chunk: torch.compile'd under TITANS_MEMORY_KERNEL=compile, else the eager reference.
+    Inside a model that is itself being compiled, the eager ones (dynamo traces them)."""
+    if _memory_kernel_mode() == "compile" and not torch.compiler.is_compiling():
+        return _compiled_chunk_functions()
+    return memory_chunk_update, memory_chunk_update_backward
+
+
 def _scan_chunks(weights, momentum, sequence, chunk_size, activation, select_chunk, initial, keep_states=False):
+    update = _chunk_functions()[0]
     outputs, boundaries = [], []
     selected_w, selected_s = weights, momentum
     for c, piece in enumerate(_chunks(sequence, chunk_size)):
         if keep_states:
             boundaries.append((weights, momentum))
-        out, weights, momentum = memory_chunk_update(weights, momentum, *piece, activation, initial)
+        out, weights, momentum = update(weights, momentum, *piece, activation, initial)
         outputs.append(out)
         if select_chunk is not None:
             selected_w = _select(select_chunk, c + 1, weights, selected_w)
@@ -598,6 +614,7 @@ class _MemoryScanFunction(torch.autograd.Function):
         grad_pieces = []  # per chunk, last chunk first; concatenated at the end (no in-place writes: compile-safe)
         grad_initial = [torch.zeros_like(t) for t in initial]
         inputs = _chunks(sequence, chunk_size)
+        chunk_backward = _chunk_functions()[1]
         zero = lambda ts: tuple(torch.zeros_like(t) for t in ts)  # noqa: E731
         if select_chunk is None:
             grad_w, grad_s = grad_sel_w, grad_sel_s
@@ -608,7 +625,7 @@ class _MemoryScanFunction(torch.autograd.Function):
                 grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, c + 1, grad_sel_w, zero(grad_w))))
                 grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, c + 1, grad_sel_s, zero(grad_s))))
             start_w, start_s = ctx.boundaries[c]
-            grad_w, grad_s, grad_init, *grads = memory_chunk_update_backward(
+            grad_w, grad_s, grad_init, *grads = chunk_backward(
                 start_w, start_s, *inputs[c], ctx.activation, initial or None,
                 grad_out[..., c * chunk_size : (c + 1) * chunk_size, :], grad_w, grad_s,
             )  # fmt: skip
@@ -665,12 +682,14 @@ if _TRITON_PRECISION not in ("ieee", "tf32", "tf32x3"):
 
 
 def _memory_kernel_mode() -> str:
-    """TITANS_MEMORY_KERNEL: `torch` (default), `auto` (the kernels on CUDA tensors, the PyTorch scan otherwise) or
-    `triton`. Opt-in: the kernels match the PyTorch scan in Triton's interpreter (tests/test_triton_scan.py) but have
-    not yet been run on a GPU in this repository (model card, Limitations)."""
+    """TITANS_MEMORY_KERNEL: `torch` (default: the eager PyTorch scan), `compile` (the same scan with each chunk's
+    forward and backward torch.compile'd, `_chunk_functions`), `auto` (the fused Triton kernels below on CUDA tensors,
+    the PyTorch scan otherwise) or `triton`. The Triton kernels are opt-in: they match the PyTorch scan in Triton's
+    interpreter (tests/test_triton_scan.py) but have not yet been run on a GPU in this repository (model card,
+    Limitations)."""
     mode = os.environ.get("TITANS_MEMORY_KERNEL", "torch").lower()
-    if mode not in ("auto", "triton", "torch"):
-        raise ValueError(f"TITANS_MEMORY_KERNEL={mode!r}: expected 'torch', 'auto' or 'triton'")
+    if mode not in ("auto", "triton", "torch", "compile"):
+        raise ValueError(f"TITANS_MEMORY_KERNEL={mode!r}: expected 'torch', 'compile', 'auto' or 'triton'")
     return mode
 
 
@@ -696,7 +715,7 @@ def _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk) -> bo
     CPU under TRITON_INTERPRET=1 for testing), triton imports, not inside torch.compile, no ragged `select_chunk`,
     depth 1 or 2, a known activation, fp32 everywhere, and d, E, chunk size powers of two >= 16 (tl.dot tiles)."""
     mode = _memory_kernel_mode()
-    if triton is None or mode == "torch" or select_chunk is not None or depth not in (1, 2):
+    if triton is None or mode not in ("auto", "triton") or select_chunk is not None or depth not in (1, 2):
         return False
     if activation not in _TRITON_ACTIVATIONS or torch.compiler.is_compiling():
         return False
