@@ -7,6 +7,7 @@
 #   bench     scripts/benchmark.py on CUDA, bf16 autocast, batch 4: Titans vs memory-disabled vs Llama (sdpa) at 4k
 #             and 32k, with the memory kernel of $TITANS_MEMORY_KERNEL (default torch = the PyTorch chunk loop)
 #   kernel    the same benchmark with TITANS_MEMORY_KERNEL=auto (fused kernels) and --titans-attn $KERNEL_ATTN
+#   chunkc    the same benchmark with TITANS_MEMORY_KERNEL=compile (each chunk through inductor: fewer, fused launches)
 #   fsdp      FSDP2 through Trainer (torchrun, --fsdp, --bf16) for a few steps
 #   compile   the slow tests of tests/test_gpu.py (torch.compile / inductor on CUDA)
 # Usage: OUT=/tmp/gpu bash scripts/gpu_checks.sh [stage ...]   (default: all, in the order above)
@@ -28,7 +29,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # pinned wheels carried t
         && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-STAGES=${*:-env tests triton bench kernel fsdp compile}
+STAGES=${*:-env tests triton bench kernel chunkc fsdp compile}
 BENCH_MODELS=${BENCH_MODELS:-llama,swa,mag,lmm,mal,mac}
 KERNEL_MODELS=${KERNEL_MODELS:-llama,swa,mag,lmm}
 BENCH_LENGTHS=${BENCH_LENGTHS:-4096,32768}
@@ -57,6 +58,9 @@ stage bench ${BENCH_LIMIT:-300} $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --mo
 stage kernel ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
     --models "$KERNEL_MODELS" --titans-attn "${KERNEL_ATTN:-sdpa}" \
     --note "${BENCH_NOTE:-gpu_checks.sh} fused memory kernels" --output "$OUT/benchmark_gpu_kernel.json"
+stage chunkc ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
+    --models "${CHUNKC_MODELS:-swa,mag,lmm}" --lengths "${CHUNKC_LENGTHS:-4096}" \
+    --note "${BENCH_NOTE:-gpu_checks.sh} compiled chunks" --output "$OUT/benchmark_gpu_chunkc.json"
 stage fsdp 100 env TITANS_RANK_LOG_DIR="$LOGS" torchrun --nproc_per_node 1 scripts/train.py --output_dir /tmp/titans-fsdp \
     --fsdp --bf16 --max_steps 12 --logging_steps 4 --eval_strategy no \
     --stdlib_max_bytes 1000000 --block_size 256 --per_device_train_batch_size 8 --max_new_tokens 0 \
