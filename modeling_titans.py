@@ -1302,7 +1302,7 @@ class TitansNeuralMemory(nn.Module):
         if conv_state is None:
             conv_state = x.new_zeros(x.shape[0], k - 1, x.shape[-1])
         padded = torch.cat([conv_state.to(x.dtype), x], dim=1)
-        if x.shape[1] == 1:  # decoding: a dot product per channel is much cheaper than a conv1d call
+        if x.shape[1] == 1:  # decoding: one product and sum per channel, cheaper than the autograd Function below
             return (padded * self.conv_weight.to(x.dtype).T).sum(1, keepdim=True), padded
         return _CausalDepthwiseConv.apply(padded, self.conv_weight.to(x.dtype)), padded
 

@@ -71,7 +71,7 @@ def check_variant(variant, rank, world, mesh, out_dir):
         "rank_losses": [float(x) for x in losses], "ref_loss": float(ref_loss), "grad_err": grad_err,
         "param_err": param_err, "logits_err_after_step": logits_err, "units": [type(u).__name__ for u in units],
         "parameters": len(params), "sharded_parameters": sum(isinstance(p, DTensor) for p in params),
-        "local_elements": sum(full(p).numel() if not isinstance(p, DTensor) else p.to_local().numel() for p in params),
+        "local_elements": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params),
         "total_elements": sum(p.numel() for p in params),
     }  # fmt: skip
     if rank == 0:
