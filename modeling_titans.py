@@ -535,6 +535,14 @@ def _compiled_chunk_functions():
     return torch.compile(memory_chunk_update), torch.compile(memory_chunk_update_backward)
 
 
+@functools.cache
+def _compiled_decode_update():
+    # One graph for the whole memory side of a decoding step (projections, gates, update, read, output): in eager
+    # mode its many small ops cost more in dispatch than in arithmetic. All layers share the graph (their parameters
+    # are inputs); compiled on the first step, ~5-20 s on CPU.
+    return torch.compile(TitansNeuralMemory._decode_update, dynamic=False)
+
+
 def _chunk_functions():
     """(forward, backward) of one chunk: torch.compile'd under TITANS_MEMORY_KERNEL=compile, else the eager reference.
     Inside a model that is itself being compiled, the eager ones (dynamo traces them)."""
@@ -1397,11 +1405,28 @@ class TitansNeuralMemory(nn.Module):
         """One new token per row (generation), O(|M|) instead of re-running the open chunk: the token recurrence
         S_t = η_t S_{t-1} - θ_t u_t (Eq. 14), M_t = (1-α_t) M_{t-1} + α_t M_init + S_t (Eq. 13, D7), with u_t taken at
         the chunk-start weights (Eq. 16), exactly as the chunk form does. The chunk closes when the buffer is full."""
-        q, k, v, conv_in = self._qkv(x, state.conv)
+        current_w, current_s = self._current(state)
+        compiled = _memory_kernel_mode() == "compile" and not torch.compiler.is_compiling()
+        update = _compiled_decode_update() if compiled else type(self)._decode_update
+        out, new_w, new_s, closed, *buffers = update(
+            self, x, state.weights, current_w, current_s, state.buffer_k, state.buffer_v, state.buffer_gates,
+            state.buffer_length, state.conv.clone(memory_format=torch.contiguous_format),  # one layout, one graph
+        )  # fmt: skip
+        if bool(closed.any()):  # a closed chunk's end is the next boundary; `where` copies, so the boundary never
+            at = closed.view(-1, 1, 1, 1)  # aliases current_weights (aliased inputs would cost a second graph)
+            weights = tuple(torch.where(at, n, o) for n, o in zip(new_w, state.weights))
+            momentum = tuple(torch.where(at, n, o) for n, o in zip(new_s, state.momentum))
+        else:
+            weights, momentum = state.weights, state.momentum
+        return out, TitansMemoryState(weights, momentum, *buffers, current_weights=new_w, current_momentum=new_s)
+
+    def _decode_update(self, x, weights, current_w, current_s, buffer_k, buffer_v, buffer_gates, length, conv):
+        """The tensor work of `_decode_step`, free of data-dependent Python branches so that one graph serves every
+        step under TITANS_MEMORY_KERNEL=compile (`_compiled_decode_update`)."""
+        q, k, v, conv_in = self._qkv(x, conv)
         gates = self._gates(x)  # (B, H, 1, 3)
         lr, eta, keep = gates[..., 0, None], gates[..., 1, None].exp(), gates[..., 2, None].exp()  # (B, H, 1, 1)
-        current_w, current_s = self._current(state)
-        inputs, deltas = memory_gradient_factors(state.weights, k, v, self.activation)
+        inputs, deltas = memory_gradient_factors(weights, k, v, self.activation)
         new_s, new_w = [], []
         with _autocast_off():
             for layer, init in enumerate(self._initial_weights()):
@@ -1410,20 +1435,20 @@ class TitansNeuralMemory(nn.Module):
                 new_w.append(torch.lerp(init, current_w[layer], keep) + new_s[-1])  # (1-α_t) M + α_t M_init + S_t
         out = self._output(memory_apply(new_w, q, self.activation).transpose(1, 2), x)
 
-        slot = state.buffer_length.view(-1, 1, 1, 1)
+        slot = length.view(-1, 1, 1, 1)
         put = lambda buffer, t: buffer.scatter(2, slot.expand(*t.shape[:2], 1, t.shape[-1]), t)  # noqa: E731
-        length = state.buffer_length + 1
-        closed = length == self.chunk_size  # the chunk is complete: its end is a boundary
-        return out, TitansMemoryState(
-            weights=_select(closed, True, new_w, state.weights),
-            momentum=_select(closed, True, new_s, state.momentum),
-            buffer_k=put(state.buffer_k, k),
-            buffer_v=put(state.buffer_v, v),
-            buffer_gates=put(state.buffer_gates, gates),
-            buffer_length=length.masked_fill(length == self.chunk_size, 0),
-            conv=conv_in[:, 1:] if conv_in is not None else state.conv,
-            current_weights=new_w,
-            current_momentum=new_s,
+        length = length + 1
+        closed = length == self.chunk_size
+        return (
+            out,
+            tuple(new_w),
+            tuple(new_s),
+            closed,
+            put(buffer_k, k),
+            put(buffer_v, v),
+            put(buffer_gates, gates),
+            length.masked_fill(closed, 0),
+            conv_in[:, 1:] if conv_in is not None else conv,
         )
 
     # -- forward --------------------------------------------------------------------------------------------------

@@ -758,9 +758,9 @@ def summarize(data) -> dict:
     contexts = data["plan"]["decode_contexts"]
     models = data["plan"]["models"]
     titans = [m for m in models if m in TITANS_VARIANTS]
-    short = 1024 if 1024 in lengths else min(lengths)
-    mid = 4096 if 4096 in lengths else max(lengths)
-    long_ = 8192 if 8192 in lengths else max(lengths)
+    short = 1024 if 1024 in lengths else min(lengths, default=None)
+    mid = 4096 if 4096 in lengths else max(lengths, default=None)
+    long_ = 8192 if 8192 in lengths else max(lengths, default=None)
     ctx_s, ctx_l = (min(contexts), max(contexts)) if contexts else (None, None)
     rows = []
 
@@ -768,7 +768,7 @@ def summarize(data) -> dict:
         rows.append(dict(group=group, name=name, value=value, target=target, passed=ok, note=note))
 
     cpu = data["plan"]["device"] == "cpu"  # the titans-pytorch, RSS and decode targets are CPU targets
-    for m in titans if ("titans-pytorch" in models or cpu) else []:
+    for m in titans if lengths and ("titans-pytorch" in models or cpu) else []:
         for L, need in ((short, 5.0), (mid, 10.0)):
             mine, tp = _get(train, m, "length", L), _get(train, "titans-pytorch", "length", L)
             r = mine / tp if mine and tp else None
@@ -784,7 +784,7 @@ def summarize(data) -> dict:
         tgt = ">= 0.7" if m in TITANS_VARIANTS else None
         add("length scaling", f"{m} tok/s @{long_} / tok/s @{short}", r, tgt,
             None if (r is None or tgt is None) else r >= 0.7)
-    for m in titans:
+    for m in titans if lengths else []:
         a, b = _get(train, m, "length", short), _get(train, "swa", "length", short)
         r = a / b if a and b else None
         add("vs memory disabled", f"{m} / swa (memory_layers=[]) tok/s @ 4x{short}", r, ">= 0.5",
@@ -798,7 +798,7 @@ def summarize(data) -> dict:
                 need = gpu_targets.get(L) if m in TITANS_VARIANTS else None
                 add("GPU train vs Llama", f"{m} / llama tok/s @ {data['plan']['batch']}x{L}", r,
                     None if need is None else f">= {need:g}", None if (r is None or need is None) else r >= need)
-    for m in models:
+    for m in models if lengths else []:
         rss = _get(train, m, "length", mid, "peak_rss_bytes")
         gib = rss / GIB if rss else None
         tgt = "<= 3 GiB" if m in TITANS_VARIANTS and cpu else None
@@ -903,12 +903,14 @@ def plot(data, path):
             axes[1].plot([p[0] for p in mem], [p[1] for p in mem], style, label=m)
         else:
             axes[1].plot([p[0] for p in pts], [p[2] for p in pts], style, label=m)
-    for ax in axes[:2]:
+    for ax in axes[:2] if plan["lengths"] else []:
         ax.set_xscale("log", base=2)
         ax.set_xticks(plan["lengths"], [str(L) for L in plan["lengths"]])
         ax.set_xlabel(f"sequence length (batch {plan['batch']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if not plan["lengths"]:
+        axes[0].axis("off"), axes[1].axis("off")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("training tokens/s (fwd+bwd)")
     axes[0].set_title("Training throughput")
@@ -969,6 +971,7 @@ def parse_args(argv=None):
                    help="skip titans-pytorch training above this length (its RSS at 4x4096 is ~18 GiB)")
     p.add_argument("--decode-contexts", default=None, help="prefill lengths for decoding (default 128,8192)")
     p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--no-train", action="store_true", help="decoding only (no training points)")
     p.add_argument("--decode-steps", type=int, default=None, help="timed single-token steps per repeat (default 128)")
     p.add_argument("--decode-warmup", type=int, default=None, help="untimed warm-up decode steps (default 16)")
     p.add_argument("--decode-repeats", type=int, default=None, help="repeats from the same prefilled cache (default 3)")
@@ -1039,7 +1042,7 @@ def main(argv=None) -> int:
         args.threads = 1 if q else os.cpu_count()
     dims = dict(QUICK_DIMS if q else FULL_DIMS)
     dims.update({k: getattr(args, k) for k in FULL_DIMS if getattr(args, k) is not None})
-    lengths = _ints(args.lengths) if args.lengths else ([64, 128] if q else [512, 1024, 2048, 4096, 8192])
+    lengths = [] if args.no_train else (_ints(args.lengths) if args.lengths else ([64, 128] if q else [512, 1024, 2048, 4096, 8192]))
     contexts = [] if args.no_decode else (_ints(args.decode_contexts) if args.decode_contexts else ([16, 64] if q else [128, 8192]))
     warmup = args.warmup if args.warmup is not None else 1
     min_steps = args.min_steps if args.min_steps is not None else (2 if q else 3)

@@ -16,10 +16,10 @@ LENGTHS = [64, 128]
 CONTEXTS = [16, 64]
 
 
-def run_quick(tmp_path, *extra, timeout=300):
+def run_quick(tmp_path, *extra, timeout=300, env=None):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, SCRIPT, "--quick", "--output", str(out), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout, out
 
@@ -83,6 +83,19 @@ def test_benchmark_quick_titans_pytorch(tmp_path):
     assert all(e["tp_sample_tokens_match"] for e in tp)  # our timing loop is exactly its sample(use_cache=True)
     names = [r["name"] for r in data["summary"]["rows"]]
     assert any("mag / titans-pytorch tok/s" in n for n in names)
+
+
+@pytest.mark.slow
+def test_benchmark_decode_only_with_compiled_memory(tmp_path):
+    """--no-train with TITANS_MEMORY_KERNEL=compile (the compiled one-token memory step): decoding rows only, the
+    kernel mode recorded in the plan, a plot without training panels."""
+    data, stdout, out = run_quick(
+        tmp_path, "--models", "mag", "--no-train", "--decode-contexts", "16", "--no-decode-interleaved",
+        env={"TITANS_MEMORY_KERNEL": "compile"},
+    )  # fmt: skip
+    assert data["plan"]["memory_kernel"] == "compile" and data["plan"]["lengths"] == [] and data["train"] == []
+    check_entries(data, ["mag"], [], [16])
+    assert os.path.getsize(out.with_suffix(".png")) > 1000 and "Ratios and targets" in stdout
 
 
 def test_benchmark_skips_and_records_failures(tmp_path):

@@ -109,6 +109,48 @@ def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
         assert model.eval().generate(ids[:1, :20], max_new_tokens=12, do_sample=False).tolist() == eager_tokens.tolist()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["mag", "mac"])
+def test_compiled_decode_step_matches_eager(variant, monkeypatch):
+    """TITANS_MEMORY_KERNEL=compile also runs each layer's one-token memory step (`_decode_update`) as one inductor
+    graph. Against the eager step, from the same prefilled cache of a left-padded batch (rows closing chunks at
+    different steps): logits at every step and the memory state after 10 steps, stated tolerance 1e-5."""
+    import copy
+
+    import modeling_titans
+
+    torch._dynamo.reset()
+    model = tiny_model(variant, scale=0.1)
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(2, 64, (2, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    steps = torch.randint(2, 64, (2, 10), generator=gen)
+    with torch.no_grad():
+        prefilled = model(ids, attention_mask=mask, past_key_values=TitansCache(model.config), use_cache=True)
+
+    def decode(mode):
+        monkeypatch.setenv("TITANS_MEMORY_KERNEL", mode)
+        cache, attention, logits = copy.deepcopy(prefilled.past_key_values), mask, []
+        with torch.no_grad():
+            for t in range(steps.shape[1]):
+                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
+                out = model(steps[:, t : t + 1], attention_mask=attention, past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+        return torch.cat(logits, 1), cache.tensors()
+
+    eager_logits, eager_state = decode("torch")
+    calls = []
+    compiled = modeling_titans._compiled_decode_update()
+    monkeypatch.setattr(modeling_titans, "_compiled_decode_update", lambda: calls.append(1) or compiled)
+    logits, state = decode("compile")
+    assert len(calls) == 10 * len(model.config.memory_layers), "the compiled decoding step was not used"
+    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=0)
+    assert state.keys() == eager_state.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, eager_state[name], atol=1e-5, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("conv_size", [4, 0])
 def test_pieces_of_long_inputs_equal_one_piece(variant, monkeypatch, conv_size):
     """Position-wise work, the short conv and the chunk coefficients of long inputs go by pieces (`_PIECE_ELEMENTS`):
