@@ -9,6 +9,7 @@ decoder layer -> cache -> PreTrainedModel -> Model -> ForCausalLM.
 """
 
 import contextlib
+import ctypes
 import functools
 import json
 import os
@@ -96,6 +97,30 @@ def apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1):
 # chunk) therefore runs on pieces of at most `_PIECE_ELEMENTS` elements, whose temporaries stay small and reused;
 # inputs up to 4 x 1,024 tokens of width 256 are a single piece, i.e. the plain call.
 _PIECE_ELEMENTS = 1 << 20
+
+# MAC trains segment by segment, and many tensors it keeps for the backward are 256-512 KB (a segment's activations,
+# a memory state), allocated between temporaries of the same sizes: glibc's heap cannot hand the holes between them
+# back, and at 4 x 4,096 tokens (anchor dims) the process held ~1.1 GiB more than was alive (model card, "Speed and
+# memory"). Returning the free heap pages to the OS (malloc_trim) every `_TRIM_SEGMENTS` segments removes that. It
+# costs page faults when the pages are reused, so it runs only on inputs of at least `_TRIM_MIN_ELEMENTS` elements,
+# where the holes matter. Measured in-process at anchor dims: peak RSS at 4 x 4,096 3.79 -> 2.86 GiB and no slowdown
+# there, but 4 % slower at 4 x 2,048 and 6 % at 4 x 1,024, hence the size bound. TITANS_MALLOC_TRIM=0 turns it off.
+_TRIM_SEGMENTS, _TRIM_MIN_ELEMENTS = 16, 1 << 22
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only; elsewhere the allocator is left alone
+    except (OSError, AttributeError):
+        return None
+
+
+def _heap_trimmer(x: torch.Tensor) -> Callable[[int], int] | None:
+    """malloc_trim where it pays: training (autograd keeps the segments' tensors) on CPU, large inputs, glibc."""
+    if os.environ.get("TITANS_MALLOC_TRIM", "1") == "0" or x.device.type != "cpu" or not torch.is_grad_enabled():
+        return None
+    return _malloc_trim() if x.numel() >= _TRIM_MIN_ELEMENTS else None
 
 
 def _piece_length(elements_per_step: int, multiple: int = 1) -> int:
@@ -2050,7 +2075,8 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         cuts = sorted({int(i) + 1 for i in closes.any(0).nonzero().flatten().tolist()} | {x.shape[1]})
         cos, sin = position_embeddings
         outputs, start = [], 0
-        for end in cuts:
+        trim = _heap_trimmer(x)
+        for i, end in enumerate(cuts):
             sl = slice(start, end)
             xs = x[:, sl]
             if torch.is_grad_enabled():  # the read-out is cheap to redo in the backward and large to keep per segment
@@ -2062,6 +2088,8 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             outputs.append(self._gate(y, memory_out))
             segment_weights = _select(closes[:, sl].any(1), True, state.weights, segment_weights)
             start = end
+            if trim is not None and i % _TRIM_SEGMENTS == _TRIM_SEGMENTS - 1:
+                trim(0)
         if layer_cache is not None:
             layer_cache.memory, layer_cache.segment_weights = state, segment_weights
         return torch.cat(outputs, dim=1)
