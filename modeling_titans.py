@@ -98,13 +98,28 @@ def apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1):
 # inputs up to 4 x 1,024 tokens of width 256 are a single piece, i.e. the plain call.
 _PIECE_ELEMENTS = 1 << 20
 
+
+def _piece_length(elements_per_step: int, multiple: int = 1) -> int:
+    """Time steps per piece: at most `_PIECE_ELEMENTS` elements, a positive multiple of `multiple` (chunk, window)."""
+    return max(_PIECE_ELEMENTS // (elements_per_step * multiple), 1) * multiple
+
+
+def _position_wise(fn, *xs):
+    """fn(*xs) for a fn that treats each position of its (B, T, ...) inputs on its own, applied to time pieces."""
+    size = _piece_length(xs[0][:, :1].numel())
+    if xs[0].shape[1] <= size:
+        return fn(*xs)
+    return torch.cat([fn(*piece) for piece in zip(*(x.split(size, dim=1) for x in xs))], dim=1)
+
+
 # MAC trains segment by segment, and many tensors it keeps for the backward are 256-512 KB (a segment's activations,
 # a memory state), allocated between temporaries of the same sizes: glibc's heap cannot hand the holes between them
 # back, and at 4 x 4,096 tokens (anchor dims) the process held ~1.1 GiB more than was alive (model card, "Speed and
 # memory"). Returning the free heap pages to the OS (malloc_trim) every `_TRIM_SEGMENTS` segments removes that. It
 # costs page faults when the pages are reused, so it runs only on inputs of at least `_TRIM_MIN_ELEMENTS` elements,
-# where the holes matter. Measured in-process at anchor dims: peak RSS at 4 x 4,096 3.79 -> 2.86 GiB and no slowdown
-# there, but 4 % slower at 4 x 2,048 and 6 % at 4 x 1,024, hence the size bound. TITANS_MALLOC_TRIM=0 turns it off.
+# where the holes matter. Measured in-process at anchor dims: peak RSS at 4 x 4,096 3.79 -> 2.86 GiB with no slowdown
+# there (5 % slower at 4 x 8,192), but 4 % slower at 4 x 2,048 and 6 % at 4 x 1,024, hence the size bound.
+# TITANS_MALLOC_TRIM=0 turns it off.
 _TRIM_SEGMENTS, _TRIM_MIN_ELEMENTS = 16, 1 << 22
 
 
@@ -121,19 +136,6 @@ def _heap_trimmer(x: torch.Tensor) -> Callable[[int], int] | None:
     if os.environ.get("TITANS_MALLOC_TRIM", "1") == "0" or x.device.type != "cpu" or not torch.is_grad_enabled():
         return None
     return _malloc_trim() if x.numel() >= _TRIM_MIN_ELEMENTS else None
-
-
-def _piece_length(elements_per_step: int, multiple: int = 1) -> int:
-    """Time steps per piece: at most `_PIECE_ELEMENTS` elements, a positive multiple of `multiple` (chunk, window)."""
-    return max(_PIECE_ELEMENTS // (elements_per_step * multiple), 1) * multiple
-
-
-def _position_wise(fn, *xs):
-    """fn(*xs) for a fn that treats each position of its (B, T, ...) inputs on its own, applied to time pieces."""
-    size = _piece_length(xs[0][:, :1].numel())
-    if xs[0].shape[1] <= size:
-        return fn(*xs)
-    return torch.cat([fn(*piece) for piece in zip(*(x.split(size, dim=1) for x in xs))], dim=1)
 
 
 class TitansMLP(nn.Module):
@@ -716,10 +718,10 @@ if _TRITON_PRECISION not in ("ieee", "tf32", "tf32x3"):
 
 def _memory_kernel_mode() -> str:
     """TITANS_MEMORY_KERNEL: `torch` (default: the eager PyTorch scan), `compile` (the same scan with each chunk's
-    forward and backward torch.compile'd, `_chunk_functions`), `auto` (the fused Triton kernels below on CUDA tensors,
-    the PyTorch scan otherwise) or `triton`. The Triton kernels are opt-in: they match the PyTorch scan in Triton's
-    interpreter (tests/test_triton_scan.py) but have not yet been run on a GPU in this repository (model card,
-    Limitations)."""
+    forward and backward torch.compile'd, `_chunk_functions`, and so is the one-token decoding step,
+    `_compiled_decode_update`), `auto` (the fused Triton kernels below on CUDA tensors, the PyTorch scan otherwise)
+    or `triton`. The Triton kernels are opt-in: they match the PyTorch scan in Triton's interpreter
+    (tests/test_triton_scan.py) but have not yet been run on a GPU in this repository (model card, Limitations)."""
     mode = os.environ.get("TITANS_MEMORY_KERNEL", "torch").lower()
     if mode not in ("auto", "triton", "torch", "compile"):
         raise ValueError(f"TITANS_MEMORY_KERNEL={mode!r}: expected 'torch', 'compile', 'auto' or 'triton'")
