@@ -109,9 +109,7 @@ def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
         assert model.eval().generate(ids[:1, :20], max_new_tokens=12, do_sample=False).tolist() == eager_tokens.tolist()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", ["mag", "mac"])
-def test_compiled_decode_step_matches_eager(variant, monkeypatch):
+def check_compiled_decode_step_matches_eager(variant, monkeypatch, device="cpu"):
     """TITANS_MEMORY_KERNEL=compile also runs each layer's one-token memory step (`_decode_update`) as one inductor
     graph. Against the eager step, from the same prefilled cache of a left-padded batch (rows closing chunks at
     different steps): logits at every step and the memory state after 10 steps, stated tolerance 1e-5."""
@@ -120,12 +118,13 @@ def test_compiled_decode_step_matches_eager(variant, monkeypatch):
     import modeling_titans
 
     torch._dynamo.reset()
-    model = tiny_model(variant, scale=0.1)
+    model = tiny_model(variant, scale=0.1).to(device)
     gen = torch.Generator().manual_seed(6)
     ids = torch.randint(2, 64, (2, 11), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    steps = torch.randint(2, 64, (2, 10), generator=gen)
+    steps = torch.randint(2, 64, (2, 10), generator=gen).to(device)
+    ids, mask = ids.to(device), mask.to(device)
     with torch.no_grad():
         prefilled = model(ids, attention_mask=mask, past_key_values=TitansCache(model.config), use_cache=True)
 
@@ -149,6 +148,12 @@ def test_compiled_decode_step_matches_eager(variant, monkeypatch):
     assert state.keys() == eager_state.keys()
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, eager_state[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["mag", "mac"])
+def test_compiled_decode_step_matches_eager(variant, monkeypatch):
+    check_compiled_decode_step_matches_eager(variant, monkeypatch)
 
 
 def test_mac_training_trims_the_heap_on_large_inputs_only(monkeypatch):

@@ -1,5 +1,6 @@
 """The same guarantees on a CUDA device: chunked memory vs the token recurrence, CUDA vs CPU, cached vs uncached
-generation, padded vs unpadded, attention backends, bf16 (autocast and bf16 weights) and compiled training steps.
+generation, padded vs unpadded, attention backends, bf16 (autocast and bf16 weights), compiled training steps and
+compiled decoding steps.
 
 Skipped where there is no GPU (CI). Run on a GPU machine with `python -m pytest tests/test_gpu.py -m "slow or not slow"`.
 """
@@ -10,7 +11,11 @@ import pytest
 import torch
 from conftest import tiny_model
 from reference import reference_memory
-from test_fast_paths import check_autocast_leaves_the_memory_in_fp32, check_bf16_model_tracks_fp32
+from test_fast_paths import (
+    check_autocast_leaves_the_memory_in_fp32,
+    check_bf16_model_tracks_fp32,
+    check_compiled_decode_step_matches_eager,
+)
 from test_memory import _random_problem, _scan
 
 from modeling_titans import TitansCache
@@ -141,3 +146,10 @@ def test_cuda_inductor_training_step_matches_eager(variant):
     torch.testing.assert_close(compiled[0], eager[0], atol=1e-4, rtol=0)
     for c, e in zip(compiled[1], eager[1]):
         torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["mag", "mac"])
+def test_cuda_compiled_decode_step_matches_eager(variant, monkeypatch):
+    """TITANS_MEMORY_KERNEL=compile's one-token memory step as generated Triton kernels, against the eager step."""
+    check_compiled_decode_step_matches_eager(variant, monkeypatch, device=CUDA)
