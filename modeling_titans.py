@@ -112,14 +112,15 @@ def _position_wise(fn, *xs):
     return torch.cat([fn(*piece) for piece in zip(*(x.split(size, dim=1) for x in xs))], dim=1)
 
 
-# MAC trains segment by segment, and many tensors it keeps for the backward are 256-512 KB (a segment's activations,
-# a memory state), allocated between temporaries of the same sizes: glibc's heap cannot hand the holes between them
-# back, and at 4 x 4,096 tokens (anchor dims) the process held ~1.1 GiB more than was alive (model card, "Speed and
-# memory"). Returning the free heap pages to the OS (malloc_trim) every `_TRIM_SEGMENTS` segments removes that. It
-# costs page faults when the pages are reused, so it runs only on inputs of at least `_TRIM_MIN_ELEMENTS` elements,
-# where the holes matter. Measured in-process at anchor dims: peak RSS at 4 x 4,096 3.79 -> 2.86 GiB with no slowdown
-# there (5 % slower at 4 x 8,192), but 4 % slower at 4 x 2,048 and 6 % at 4 x 1,024, hence the size bound.
-# TITANS_MALLOC_TRIM=0 turns it off.
+# Training on long CPU inputs fragments glibc's heap: many tensors kept for the backward are 256-512 KB (MAC: a
+# segment's activations, a memory state), allocated between temporaries of the same sizes, and the heap cannot hand
+# the holes between them back. At 4 x 4,096 tokens (anchor dims) MAC held ~1.1 GiB more than was alive (model card,
+# "Speed and memory"). Returning the free heap pages to the OS (malloc_trim) after each decoder layer, and in MAC
+# every `_TRIM_SEGMENTS` segments, removes that. It costs page faults when the pages are reused, so it runs only on
+# inputs of at least `_TRIM_MIN_ELEMENTS` elements, where the holes matter. Measured in-process at anchor dims (MAC,
+# per segment): peak RSS at 4 x 4,096 3.79 -> 2.86 GiB with no slowdown there (5 % slower at 4 x 8,192), but 4 %
+# slower at 4 x 2,048 and 6 % at 4 x 1,024, hence the size bound; per layer, compiled MAG at 4 x 4,096: 3.22 ->
+# 2.88 GiB, no slowdown. TITANS_MALLOC_TRIM=0 turns it off.
 _TRIM_SEGMENTS, _TRIM_MIN_ELEMENTS = 16, 1 << 22
 
 
@@ -132,7 +133,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def _heap_trimmer(x: torch.Tensor) -> Callable[[int], int] | None:
-    """malloc_trim where it pays: training (autograd keeps the segments' tensors) on CPU, large inputs, glibc."""
+    """malloc_trim where it pays: training (autograd keeps the tensors) on CPU, large inputs, glibc."""
     if os.environ.get("TITANS_MALLOC_TRIM", "1") == "0" or x.device.type != "cpu" or not torch.is_grad_enabled():
         return None
     return _malloc_trim() if x.numel() >= _TRIM_MIN_ELEMENTS else None
@@ -2123,7 +2124,11 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         else:  # mac
             out = self._memory_as_context(x, position_embeddings, positions, layer_cache)
         hidden_states = residual + out
-        return _position_wise(lambda h: h + self.mlp(self.post_attention_layernorm(h)), hidden_states)
+        hidden_states = _position_wise(lambda h: h + self.mlp(self.post_attention_layernorm(h)), hidden_states)
+        trim = _heap_trimmer(hidden_states)
+        if trim is not None:  # long training input on CPU: hand the heap's free pages back after each layer
+            trim(0)
+        return hidden_states
 
 
 # ----------------------------------------------------------------------------------------------------------------

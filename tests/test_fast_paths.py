@@ -156,23 +156,25 @@ def test_compiled_decode_step_matches_eager(variant, monkeypatch):
     check_compiled_decode_step_matches_eager(variant, monkeypatch)
 
 
-def test_mac_training_trims_the_heap_on_large_inputs_only(monkeypatch):
-    """MAC's segment loop returns free heap pages every `_TRIM_SEGMENTS` segments when training on a large CPU input
-    (glibc malloc_trim); never without autograd or below the size bound, and never with TITANS_MALLOC_TRIM=0. The
-    loss is the same with and without it."""
+@pytest.mark.parametrize("variant", ["mac", "mag"])
+def test_training_trims_the_heap_on_large_inputs_only(variant, monkeypatch):
+    """On a large CPU training input, free heap pages go back to the OS (glibc malloc_trim) after each decoder layer,
+    and in MAC also every `_TRIM_SEGMENTS` segments; never without autograd or below the size bound, and never with
+    TITANS_MALLOC_TRIM=0. The loss is the same with and without it."""
     import modeling_titans
 
     if modeling_titans._malloc_trim() is None:
         pytest.skip("not glibc")
-    model = tiny_model("mac").train()
-    ids = torch.randint(2, 64, (2, 8 * 9))  # 9 segments of 8 tokens per layer
+    model = tiny_model(variant).train()
+    ids = torch.randint(2, 64, (2, 8 * 9))  # MAC: 9 segments of 8 tokens per layer
     calls = []
     real = modeling_titans._malloc_trim()
     monkeypatch.setattr(modeling_titans, "_malloc_trim", lambda: lambda pad: calls.append(pad) or real(pad))
     monkeypatch.setattr(modeling_titans, "_TRIM_SEGMENTS", 4)
     monkeypatch.setattr(modeling_titans, "_TRIM_MIN_ELEMENTS", ids.numel() * model.config.hidden_size)
     trimmed = model(ids, labels=ids).loss
-    assert len(calls) == 2 * model.config.num_hidden_layers  # after segments 4 and 8 of each layer
+    per_layer = 1 + (2 if variant == "mac" else 0)  # after the layer; MAC also after segments 4 and 8
+    assert len(calls) == per_layer * model.config.num_hidden_layers
     with torch.no_grad():
         model(ids, labels=ids)
     monkeypatch.setenv("TITANS_MALLOC_TRIM", "0")
@@ -180,7 +182,7 @@ def test_mac_training_trims_the_heap_on_large_inputs_only(monkeypatch):
     monkeypatch.delenv("TITANS_MALLOC_TRIM")
     monkeypatch.setattr(modeling_titans, "_TRIM_MIN_ELEMENTS", ids.numel() * model.config.hidden_size + 1)
     model(ids, labels=ids)
-    assert len(calls) == 2 * model.config.num_hidden_layers
+    assert len(calls) == per_layer * model.config.num_hidden_layers
     assert torch.equal(trimmed, plain)
 
 
