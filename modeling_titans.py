@@ -136,6 +136,8 @@ def _heap_trimmer(x: torch.Tensor) -> Callable[[int], int] | None:
     """malloc_trim where it pays: training (autograd keeps the tensors) on CPU, large inputs, glibc."""
     if os.environ.get("TITANS_MALLOC_TRIM", "1") == "0" or x.device.type != "cpu" or not torch.is_grad_enabled():
         return None
+    if torch.compiler.is_compiling():  # a foreign call inside a compiled model would only break its graph
+        return None
     return _malloc_trim() if x.numel() >= _TRIM_MIN_ELEMENTS else None
 
 
