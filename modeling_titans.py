@@ -573,10 +573,15 @@ def _compiled_decode_update():
     return torch.compile(TitansNeuralMemory._decode_update, dynamic=False)
 
 
+def _use_compiled_memory() -> bool:
+    """TITANS_MEMORY_KERNEL=compile, and not inside a model that is itself being compiled (dynamo traces the eager
+    functions there)."""
+    return _memory_kernel_mode() == "compile" and not torch.compiler.is_compiling()
+
+
 def _chunk_functions():
-    """(forward, backward) of one chunk: torch.compile'd under TITANS_MEMORY_KERNEL=compile, else the eager reference.
-    Inside a model that is itself being compiled, the eager ones (dynamo traces them)."""
-    if _memory_kernel_mode() == "compile" and not torch.compiler.is_compiling():
+    """(forward, backward) of one chunk: torch.compile'd under `_use_compiled_memory`, else the eager reference."""
+    if _use_compiled_memory():
         return _compiled_chunk_functions()
     return memory_chunk_update, memory_chunk_update_backward
 
@@ -1436,11 +1441,12 @@ class TitansNeuralMemory(nn.Module):
         S_t = η_t S_{t-1} - θ_t u_t (Eq. 14), M_t = (1-α_t) M_{t-1} + α_t M_init + S_t (Eq. 13, D7), with u_t taken at
         the chunk-start weights (Eq. 16), exactly as the chunk form does. The chunk closes when the buffer is full."""
         current_w, current_s = self._current(state)
-        compiled = _memory_kernel_mode() == "compile" and not torch.compiler.is_compiling()
-        update = _compiled_decode_update() if compiled else type(self)._decode_update
+        update, conv = type(self)._decode_update, state.conv
+        if _use_compiled_memory():  # prefill leaves the conv state as a strided slice: one layout, one graph
+            update, conv = _compiled_decode_update(), conv.clone(memory_format=torch.contiguous_format)
         out, new_w, new_s, closed, *buffers = update(
             self, x, state.weights, current_w, current_s, state.buffer_k, state.buffer_v, state.buffer_gates,
-            state.buffer_length, state.conv.clone(memory_format=torch.contiguous_format),  # one layout, one graph
+            state.buffer_length, conv,
         )  # fmt: skip
         if bool(closed.any()):  # a closed chunk's end is the next boundary; `where` copies, so the boundary never
             at = closed.view(-1, 1, 1, 1)  # aliases current_weights (aliased inputs would cost a second graph)
@@ -2093,8 +2099,8 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             outputs.append(self._gate(y, memory_out))
             segment_weights = _select(closes[:, sl].any(1), True, state.weights, segment_weights)
             start = end
-            if trim is not None and i % _TRIM_SEGMENTS == _TRIM_SEGMENTS - 1:
-                trim(0)
+            if trim is not None and i % _TRIM_SEGMENTS == _TRIM_SEGMENTS - 1 and end < x.shape[1]:
+                trim(0)  # (after the last segment, the layer's own trim in `forward` follows)
         if layer_cache is not None:
             layer_cache.memory, layer_cache.segment_weights = state, segment_weights
         return torch.cat(outputs, dim=1)

@@ -903,14 +903,15 @@ def plot(data, path):
             axes[1].plot([p[0] for p in mem], [p[1] for p in mem], style, label=m)
         else:
             axes[1].plot([p[0] for p in pts], [p[2] for p in pts], style, label=m)
-    for ax in axes[:2] if plan["lengths"] else []:
+    for ax in axes[:2]:
+        if not plan["lengths"]:  # decoding only (--no-train)
+            ax.axis("off")
+            continue
         ax.set_xscale("log", base=2)
         ax.set_xticks(plan["lengths"], [str(L) for L in plan["lengths"]])
         ax.set_xlabel(f"sequence length (batch {plan['batch']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if not plan["lengths"]:
-        axes[0].axis("off"), axes[1].axis("off")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("training tokens/s (fwd+bwd)")
     axes[0].set_title("Training throughput")
