@@ -536,6 +536,15 @@ def memory_scan(
 _SEQUENCE_INPUTS = 8  # q, k, v, g, n_last, beta, f, m
 
 
+def _contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x in the row-major layout, size-1 dims included (`is_contiguous` ignores their strides; graph guards do not)."""
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= size
+    return x if x.stride() == tuple(reversed(strides)) else x.clone(memory_format=torch.contiguous_format)
+
+
 def _chunks(sequence, chunk_size):
     # Split once: per-chunk slicing would make the backward write a full-length zero gradient per chunk.
     q, k, v, g, *per_token = sequence
@@ -550,10 +559,11 @@ def _chunks(sequence, chunk_size):
 def _select(select_chunk, c, new, old):
     """Rows whose state is the one after `c` chunks take `new`."""
     take = select_chunk == c
-    if bool(take.all()):
-        return tuple(new)
-    if not bool(take.any()):
-        return tuple(old)
+    if not torch.compiler.is_compiling():  # (a traced graph always selects: no data-dependent branch)
+        if bool(take.all()):
+            return tuple(new)
+        if not bool(take.any()):
+            return tuple(old)
     take = take.view(-1, *([1] * (new[0].dim() - 1)))
     return tuple(torch.where(take, n, o) for n, o in zip(new, old))
 
@@ -571,6 +581,13 @@ def _compiled_decode_update():
     # mode its many small ops cost more in dispatch than in arithmetic. All layers share the graph (their parameters
     # are inputs); compiled on the first step, ~5-20 s on CPU.
     return torch.compile(TitansNeuralMemory._decode_update, dynamic=False)
+
+
+@functools.cache
+def _compiled_decoding_step():
+    # All layers of a steady one-token decoding step in one graph (`TitansModel._steady_decoding`): eager, each step
+    # dispatches hundreds of tiny ops; compiled separately, each memory step pays the guard and launch overhead.
+    return torch.compile(TitansModel._decoding_step, dynamic=False)
 
 
 def _use_compiled_memory() -> bool:
@@ -1448,8 +1465,8 @@ class TitansNeuralMemory(nn.Module):
             self, x, state.weights, current_w, current_s, state.buffer_k, state.buffer_v, state.buffer_gates,
             state.buffer_length, conv,
         )  # fmt: skip
-        if bool(closed.any()):  # a closed chunk's end is the next boundary; `where` copies, so the boundary never
-            at = closed.view(-1, 1, 1, 1)  # aliases current_weights (aliased inputs would cost a second graph)
+        if torch.compiler.is_compiling() or bool(closed.any()):  # a closed chunk's end is the next boundary; `where`
+            at = closed.view(-1, 1, 1, 1)  # copies, so it never aliases current_weights (aliases cost a second graph)
             weights = tuple(torch.where(at, n, o) for n, o in zip(new_w, state.weights))
             momentum = tuple(torch.where(at, n, o) for n, o in zip(new_s, state.momentum))
         else:
@@ -1738,7 +1755,12 @@ class TitansAttention(nn.Module):
         elif q_len > 2 * self.window and self.config._attn_implementation != "flex_attention":  # flex: block mask
             query, all_key, all_value, mask = self._window_blocks(query, key, value, positions, kv_pos, num_cached, n_p)
             blocked = True
-        elif q_len == 1 and self.config._attn_implementation in ("sdpa", "eager") and bool((kv_pos >= 0).all()):
+        elif (
+            q_len == 1
+            and self.config._attn_implementation in ("sdpa", "eager")
+            and not torch.compiler.is_compiling()  # (a traced graph takes the general mask: no data-dependent branch)
+            and bool((kv_pos >= 0).all())
+        ):
             # one-token decoding: the cache holds only the window-1 previous real tokens, so every key is visible
             mask, all_key, all_value = None, key, value
         else:
@@ -2070,7 +2092,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         out, layer_cache.memory = self.memory(x, valid, layer_cache.memory, return_state=True)
         return out
 
-    def _memory_as_context(self, x, position_embeddings, positions, layer_cache):
+    def _memory_as_context(self, x, position_embeddings, positions, valid, layer_cache):
         """MAC (Eq. 21-25), segment by segment: retrieve h with the memory before the segment, attend over
         [persistent | h | segment], write the attention output y into the memory, gate y with M_t(y_t).
 
@@ -2079,11 +2101,14 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         """
         segment = self.config.attention_window
         scratch = layer_cache if layer_cache is not None else TitansLayerCache()
-        valid = positions >= 0
+        real = positions >= 0
         state = scratch.memory or self.memory.initial_state(x.shape[0], x.device, x.dtype)
         segment_weights = scratch.segment_weights or state.weights
-        closes = valid & (positions % segment == segment - 1)
-        cuts = sorted({int(i) + 1 for i in closes.any(0).nonzero().flatten().tolist()} | {x.shape[1]})
+        closes = real & (positions % segment == segment - 1)
+        if x.shape[1] == 1:  # one token (decoding): one slice, no host sync
+            cuts = [1]
+        else:
+            cuts = sorted({int(i) + 1 for i in closes.any(0).nonzero().flatten().tolist()} | {x.shape[1]})
         cos, sin = position_embeddings
         outputs, start = [], 0
         trim = _heap_trimmer(x)
@@ -2095,7 +2120,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             else:
                 context = self.memory.retrieve(xs, segment_weights)
             y, _ = self.self_attn(xs, (cos[:, sl], sin[:, sl]), positions[:, sl], scratch, context=context)
-            memory_out, state = self.memory(y, valid[:, sl], state, return_state=True)
+            memory_out, state = self.memory(y, None if valid is None else valid[:, sl], state, return_state=True)
             outputs.append(self._gate(y, memory_out))
             segment_weights = _select(closes[:, sl].any(1), True, state.weights, segment_weights)
             start = end
@@ -2130,7 +2155,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             y = self._attention(x, position_embeddings, positions, layer_cache, **kwargs)
             out = _position_wise(self._gate, y, self._memory(x, valid, layer_cache))
         else:  # mac
-            out = self._memory_as_context(x, position_embeddings, positions, layer_cache)
+            out = self._memory_as_context(x, position_embeddings, positions, valid, layer_cache)
         hidden_states = residual + out
         hidden_states = _position_wise(lambda h: h + self.mlp(self.post_attention_layernorm(h)), hidden_states)
         trim = _heap_trimmer(hidden_states)
@@ -2215,6 +2240,46 @@ class TitansModel(TitansPreTrainedModel):
             "`past_key_values=TitansCache(model.config)` or let generate() create one."
         )
 
+    def _steady_decoding(self, cache, seq_len: int) -> bool:
+        """One new real token per row, every attention cache full (window-1 keys) and every memory state prefilled:
+        each step then has the same shapes, and under TITANS_MEMORY_KERNEL=compile one graph runs all layers
+        (`_decoding_step`). Makes the cache ready for it: the open chunk's M_t, S_t, and one memory layout."""
+        if seq_len != 1 or cache is None or torch.is_grad_enabled() or not _use_compiled_memory():
+            return False
+        if self.config._attn_implementation not in ("sdpa", "eager"):  # flex would build a BlockMask per step
+            return False
+        full = self.config.attention_window - 1
+        for decoder_layer, layer_cache in zip(self.layers, cache.layers):
+            if decoder_layer.mode != "lmm" and (layer_cache.keys is None or layer_cache.keys.shape[2] != full):
+                return False
+            if hasattr(decoder_layer, "memory"):
+                state = layer_cache.memory
+                if state is None:
+                    return False
+                if state.current_weights is None:  # M_t, S_t of the open chunk, once, outside the graph
+                    state.current_weights, state.current_momentum = decoder_layer.memory._current(state)
+        seen = set()
+
+        def canonical(t):  # graphs are specialised on strides (prefill leaves slices of its length) and on aliasing
+            t = _contiguous(t)  # (MAC's segment-start weights are the memory's own after a prefill)
+            t = t.clone() if id(t) in seen else t
+            seen.add(id(t))
+            return t
+
+        for layer_cache in cache.layers:
+            layer_cache.apply(canonical)
+        return True
+
+    def _decoding_step(self, hidden_states, position_embeddings, positions, cache, **kwargs):
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states, position_embeddings=position_embeddings, positions=positions, past_key_values=cache,
+                **kwargs,
+            )  # fmt: skip
+        for layer_cache in cache.layers:  # the next step's inputs in the same layout, written as such by the graph
+            layer_cache.apply(_contiguous)
+        return self.norm(hidden_states)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -2275,18 +2340,21 @@ class TitansModel(TitansPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         all_hidden_states = () if output_hidden_states else None
-        for decoder_layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states = decoder_layer(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                positions=positions,
-                padding=padding,
-                past_key_values=cache,
-                **kwargs,
-            )
-        hidden_states = _position_wise(self.norm, hidden_states)
+        if not output_hidden_states and padding is None and self._steady_decoding(cache, seq_len):
+            hidden_states = _compiled_decoding_step()(self, hidden_states, position_embeddings, positions, cache, **kwargs)
+        else:
+            for decoder_layer in self.layers:
+                if output_hidden_states:
+                    all_hidden_states += (hidden_states,)
+                hidden_states = decoder_layer(
+                    hidden_states,
+                    position_embeddings=position_embeddings,
+                    positions=positions,
+                    padding=padding,
+                    past_key_values=cache,
+                    **kwargs,
+                )
+            hidden_states = _position_wise(self.norm, hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if cache is not None:

@@ -1072,7 +1072,7 @@ def main(argv=None) -> int:
         skipped_models["titans-pytorch"] = "titans_pytorch is not importable (pip install titans-pytorch==0.5.5)"
         models.remove("titans-pytorch")
 
-    max_len = max(lengths + [c + max(decode_steps, decode_warmup) + 8 for c in contexts]) + 64
+    max_len = max(lengths + [c + max(decode_steps, decode_warmup) + 8 for c in contexts], default=0) + 64
     logf = sys.stdout
 
     def log(msg):

@@ -110,9 +110,11 @@ def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
 
 
 def check_compiled_decode_step_matches_eager(variant, monkeypatch, device="cpu"):
-    """TITANS_MEMORY_KERNEL=compile also runs each layer's one-token memory step (`_decode_update`) as one inductor
-    graph. Against the eager step, from the same prefilled cache of a left-padded batch (rows closing chunks at
-    different steps): logits at every step and the memory state after 10 steps, stated tolerance 1e-5."""
+    """TITANS_MEMORY_KERNEL=compile runs a decoding step in one of two compiled forms: while the attention cache is
+    still filling, each layer's one-token memory step (`_decode_update`) is one inductor graph; once every cache is
+    full (`_steady_decoding`), all layers of the step are one graph. Against the eager steps, from the same prefilled
+    cache of a left-padded batch (padding still inside the window, rows closing chunks and MAC segments at different
+    steps): logits at every step and the whole cache after 10 steps, stated tolerance 1e-5."""
     import copy
 
     import modeling_titans
@@ -120,7 +122,7 @@ def check_compiled_decode_step_matches_eager(variant, monkeypatch, device="cpu")
     torch._dynamo.reset()
     model = tiny_model(variant, scale=0.1).to(device)
     gen = torch.Generator().manual_seed(6)
-    ids = torch.randint(2, 64, (2, 11), generator=gen)
+    ids = torch.randint(2, 64, (2, 5), generator=gen)  # 5 keys cached: 2 steps until the window-1 = 7 are there
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     steps = torch.randint(2, 64, (2, 10), generator=gen).to(device)
@@ -139,11 +141,14 @@ def check_compiled_decode_step_matches_eager(variant, monkeypatch, device="cpu")
         return torch.cat(logits, 1), cache.tensors()
 
     eager_logits, eager_state = decode("torch")
-    calls = []
-    compiled = modeling_titans._compiled_decode_update()
-    monkeypatch.setattr(modeling_titans, "_compiled_decode_update", lambda: calls.append(1) or compiled)
+    layer_calls, step_calls = [], []
+    layer_step, whole_step = modeling_titans._compiled_decode_update(), modeling_titans._compiled_decoding_step()
+    monkeypatch.setattr(modeling_titans, "_compiled_decode_update", lambda: layer_calls.append(1) or layer_step)
+    monkeypatch.setattr(modeling_titans, "_compiled_decoding_step", lambda: step_calls.append(1) or whole_step)
     logits, state = decode("compile")
-    assert len(calls) == 10 * len(model.config.memory_layers), "the compiled decoding step was not used"
+    filling = 0 if variant == "lmm" else 2  # LMM has no attention cache to fill
+    assert len(layer_calls) == filling * len(model.config.memory_layers), "the compiled memory step was not used"
+    assert len(step_calls) == 10 - filling, "the compiled whole decoding step was not used"
     torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=0)
     assert state.keys() == eager_state.keys()
     for name, tensor in state.items():
@@ -151,7 +156,7 @@ def check_compiled_decode_step_matches_eager(variant, monkeypatch, device="cpu")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["mag", "mac"])
+@pytest.mark.parametrize("variant", ["mag", "mac", "mal", "lmm"])
 def test_compiled_decode_step_matches_eager(variant, monkeypatch):
     check_compiled_decode_step_matches_eager(variant, monkeypatch)
 
