@@ -887,8 +887,11 @@ def plot(data, path):
     import matplotlib.pyplot as plt
 
     plan = data["plan"]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
-    for m in plan["models"]:
+    show_train, show_decode = bool(plan["lengths"]), bool(plan["decode_contexts"])
+    panels = 2 * show_train + show_decode or 1  # only the panels that have points (--no-train, --no-decode)
+    fig, grid = plt.subplots(1, panels, figsize=(6 * panels, 5.2), squeeze=False)
+    axes = [*(grid[0][:2] if show_train else [None, None]), grid[0][-1]]
+    for m in plan["models"] if show_train else []:
         pts = [(e["length"], e["tokens_per_s"], e["peak_rss_bytes"] / GIB)
                for e in data["train"] if e["model"] == m and e.get("status") == "ok"]  # fmt: skip
         if not pts:
@@ -903,21 +906,19 @@ def plot(data, path):
             axes[1].plot([p[0] for p in mem], [p[1] for p in mem], style, label=m)
         else:
             axes[1].plot([p[0] for p in pts], [p[2] for p in pts], style, label=m)
-    for ax in axes[:2]:
-        if not plan["lengths"]:  # decoding only (--no-train)
-            ax.axis("off")
-            continue
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(plan["lengths"], [str(L) for L in plan["lengths"]])
-        ax.set_xlabel(f"sequence length (batch {plan['batch']})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("training tokens/s (fwd+bwd)")
-    axes[0].set_title("Training throughput")
-    axes[1].set_ylabel("peak GPU memory (GiB)" if plan["device"].startswith("cuda") else "peak RSS (GiB)")
-    axes[1].set_title("Peak memory (own process per point)")
-    if plan["decode_contexts"]:
+    if show_train:
+        for ax in axes[:2]:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(plan["lengths"], [str(L) for L in plan["lengths"]])
+            ax.set_xlabel(f"sequence length (batch {plan['batch']})")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0].set_yscale("log")
+        axes[0].set_ylabel("training tokens/s (fwd+bwd)")
+        axes[0].set_title("Training throughput")
+        axes[1].set_ylabel("peak GPU memory (GiB)" if plan["device"].startswith("cuda") else "peak RSS (GiB)")
+        axes[1].set_title("Peak memory (own process per point)")
+    if show_decode:
         ctxs = plan["decode_contexts"]
         inter = {e["model"]: e for e in data.get("decode_interleaved", []) if e.get("status") == "ok"}
         series = [(f"context {C} (own process)", C, None) for C in ctxs]
@@ -938,7 +939,7 @@ def plot(data, path):
         axes[2].set_title(f"Cached decoding, {plan['decode_steps']} steps after prefill")
         axes[2].legend(fontsize=7)
         axes[2].grid(alpha=0.3, axis="y")
-    else:
+    elif not show_train:
         axes[2].axis("off")
     info = data["meta"]
     fig.suptitle(f"Titans benchmark - {info.get('cpu_model') or info['device']}, torch threads={info['threads']}, "
