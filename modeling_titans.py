@@ -1386,9 +1386,13 @@ class TitansNeuralMemory(nn.Module):
         return torch.stack([lr, log_eta, log_keep], dim=-1).transpose(1, 2)
 
     def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # y: (B, T, H, d)
-        y = self.output_norm(y.to(x.dtype))
-        gate = F.silu(self.g_proj(x)).view(*x.shape[:2], self.num_heads, self.head_dim)
-        return self.o_proj((y * gate).flatten(2))
+        return self._gated_output(y, self._output_gate(x))
+
+    def _output_gate(self, x: torch.Tensor) -> torch.Tensor:  # SiLU(x W_g) per head, (B, T, H, d), in x's dtype
+        return F.silu(self.g_proj(x)).to(x.dtype).view(*x.shape[:2], self.num_heads, self.head_dim)
+
+    def _gated_output(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return self.o_proj((self.output_norm(y.to(gate.dtype)) * gate).flatten(2))
 
     def initial_state(self, batch_size: int, device, dtype=torch.float32) -> TitansMemoryState:
         weights = tuple(w.to(self.state_dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.memory_weights)
@@ -1406,8 +1410,15 @@ class TitansNeuralMemory(nn.Module):
 
     def retrieve(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """MAC's h_t = M*_{t-1}(q_t) (Eq. 21): read a given memory state with the queries of x, no update."""
-        q = F.normalize(self._split_heads(F.silu(self.q_proj(x))), dim=-1)
-        return self._output(memory_apply(weights, q, self.activation).transpose(1, 2), x)
+        return self.read(*self.read_inputs(x), weights)
+
+    def read_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parts of `retrieve` that depend on x only: queries (B, H, T, d) and output gate (B, T, H, d). MAC takes
+        them for a whole input in two matmuls, then reads segment by segment with the weights before each."""
+        return F.normalize(self._split_heads(F.silu(self.q_proj(x))), dim=-1), self._output_gate(x)
+
+    def read(self, q: torch.Tensor, gate: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self._gated_output(memory_apply(weights, q, self.activation).transpose(1, 2), gate)
 
     def _qkv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
         """q, k, v = SiLU(ShortConv(x W)), q/k (and v, D5) ℓ2-normalised per head (§4.4): (B, H, T, d) each."""
@@ -2109,22 +2120,26 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             cuts = [1]
         else:
             cuts = sorted({int(i) + 1 for i in closes.any(0).nonzero().flatten().tolist()} | {x.shape[1]})
-        cos, sin = position_embeddings
-        outputs, start = [], 0
+        # one split per input rather than a slice per segment: each slice's backward adds a zero-filled gradient of
+        # the whole input, which made the backward quadratic in the number of segments
+        sizes = [end - start for start, end in zip([0, *cuts[:-1]], cuts)]
+        split = lambda t, dim=1: t.split(sizes, dim=dim)  # noqa: E731
+        queries, gates = self.memory.read_inputs(x)  # x-only parts of the read, for all segments at once
+        valids = split(valid) if valid is not None else [None] * len(sizes)
+        pieces = zip(split(x), *map(split, position_embeddings), split(positions), split(closes), split(queries, 2),
+                     split(gates), valids)  # fmt: skip
+        outputs = []
         trim = _heap_trimmer(x)
-        for i, end in enumerate(cuts):
-            sl = slice(start, end)
-            xs = x[:, sl]
+        for i, (xs, cos, sin, pos, close, q, gate, valid_s) in enumerate(pieces):
             if torch.is_grad_enabled():  # the read-out is cheap to redo in the backward and large to keep per segment
-                context = checkpoint(self.memory.retrieve, xs, segment_weights, use_reentrant=False)
+                context = checkpoint(self.memory.read, q, gate, segment_weights, use_reentrant=False)
             else:
-                context = self.memory.retrieve(xs, segment_weights)
-            y, _ = self.self_attn(xs, (cos[:, sl], sin[:, sl]), positions[:, sl], scratch, context=context)
-            memory_out, state = self.memory(y, None if valid is None else valid[:, sl], state, return_state=True)
+                context = self.memory.read(q, gate, segment_weights)
+            y, _ = self.self_attn(xs, (cos, sin), pos, scratch, context=context)
+            memory_out, state = self.memory(y, valid_s, state, return_state=True)
             outputs.append(self._gate(y, memory_out))
-            segment_weights = _select(closes[:, sl].any(1), True, state.weights, segment_weights)
-            start = end
-            if trim is not None and i % _TRIM_SEGMENTS == _TRIM_SEGMENTS - 1 and end < x.shape[1]:
+            segment_weights = _select(close.any(1), True, state.weights, segment_weights)
+            if trim is not None and i % _TRIM_SEGMENTS == _TRIM_SEGMENTS - 1 and i < len(sizes) - 1:
                 trim(0)  # (after the last segment, the layer's own trim in `forward` follows)
         if layer_cache is not None:
             layer_cache.memory, layer_cache.segment_weights = state, segment_weights
