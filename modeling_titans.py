@@ -743,10 +743,11 @@ if _TRITON_PRECISION not in ("ieee", "tf32", "tf32x3"):
 
 def _memory_kernel_mode() -> str:
     """TITANS_MEMORY_KERNEL: `torch` (default: the eager PyTorch scan), `compile` (the same scan with each chunk's
-    forward and backward torch.compile'd, `_chunk_functions`, and so is the one-token decoding step,
-    `_compiled_decode_update`), `auto` (the fused Triton kernels below on CUDA tensors, the PyTorch scan otherwise)
-    or `triton`. The Triton kernels are opt-in: they match the PyTorch scan in Triton's interpreter
-    (tests/test_triton_scan.py) but have not yet been run on a GPU in this repository (model card, Limitations)."""
+    forward and backward torch.compile'd, `_chunk_functions`, and so is cached decoding: each memory's one-token
+    step, `_compiled_decode_update`, and once every cache is full the whole step, `_compiled_decoding_step`), `auto`
+    (the fused Triton kernels below on CUDA tensors, the PyTorch scan otherwise) or `triton`. The Triton kernels are
+    opt-in: they match the PyTorch scan in Triton's interpreter (tests/test_triton_scan.py) but have not yet been run
+    on a GPU in this repository (model card, Limitations)."""
     mode = os.environ.get("TITANS_MEMORY_KERNEL", "torch").lower()
     if mode not in ("auto", "triton", "torch", "compile"):
         raise ValueError(f"TITANS_MEMORY_KERNEL={mode!r}: expected 'torch', 'compile', 'auto' or 'triton'")
@@ -1386,13 +1387,9 @@ class TitansNeuralMemory(nn.Module):
         return torch.stack([lr, log_eta, log_keep], dim=-1).transpose(1, 2)
 
     def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # y: (B, T, H, d)
-        return self._gated_output(y, self._output_gate(x))
-
-    def _output_gate(self, x: torch.Tensor) -> torch.Tensor:  # SiLU(x W_g) per head, (B, T, H, d), in x's dtype
-        return F.silu(self.g_proj(x)).to(x.dtype).view(*x.shape[:2], self.num_heads, self.head_dim)
-
-    def _gated_output(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return self.o_proj((self.output_norm(y.to(gate.dtype)) * gate).flatten(2))
+        y = self.output_norm(y.to(x.dtype))
+        gate = F.silu(self.g_proj(x)).view(*x.shape[:2], self.num_heads, self.head_dim)
+        return self.o_proj((y * gate).flatten(2))
 
     def initial_state(self, batch_size: int, device, dtype=torch.float32) -> TitansMemoryState:
         weights = tuple(w.to(self.state_dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.memory_weights)
@@ -1410,15 +1407,8 @@ class TitansNeuralMemory(nn.Module):
 
     def retrieve(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """MAC's h_t = M*_{t-1}(q_t) (Eq. 21): read a given memory state with the queries of x, no update."""
-        return self.read(*self.read_inputs(x), weights)
-
-    def read_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The parts of `retrieve` that depend on x only: queries (B, H, T, d) and output gate (B, T, H, d). MAC takes
-        them for a whole input in two matmuls, then reads segment by segment with the weights before each."""
-        return F.normalize(self._split_heads(F.silu(self.q_proj(x))), dim=-1), self._output_gate(x)
-
-    def read(self, q: torch.Tensor, gate: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return self._gated_output(memory_apply(weights, q, self.activation).transpose(1, 2), gate)
+        q = F.normalize(self._split_heads(F.silu(self.q_proj(x))), dim=-1)
+        return self._output(memory_apply(weights, q, self.activation).transpose(1, 2), x)
 
     def _qkv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
         """q, k, v = SiLU(ShortConv(x W)), q/k (and v, D5) ℓ2-normalised per head (§4.4): (B, H, T, d) each."""
@@ -2123,18 +2113,16 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         # one split per input rather than a slice per segment: each slice's backward adds a zero-filled gradient of
         # the whole input, which made the backward quadratic in the number of segments
         sizes = [end - start for start, end in zip([0, *cuts[:-1]], cuts)]
-        split = lambda t, dim=1: t.split(sizes, dim=dim)  # noqa: E731
-        queries, gates = self.memory.read_inputs(x)  # x-only parts of the read, for all segments at once
+        split = lambda t: t.split(sizes, dim=1)  # noqa: E731
         valids = split(valid) if valid is not None else [None] * len(sizes)
-        pieces = zip(split(x), *map(split, position_embeddings), split(positions), split(closes), split(queries, 2),
-                     split(gates), valids)  # fmt: skip
+        pieces = zip(split(x), *map(split, position_embeddings), split(positions), split(closes), valids)
         outputs = []
         trim = _heap_trimmer(x)
-        for i, (xs, cos, sin, pos, close, q, gate, valid_s) in enumerate(pieces):
+        for i, (xs, cos, sin, pos, close, valid_s) in enumerate(pieces):
             if torch.is_grad_enabled():  # the read-out is cheap to redo in the backward and large to keep per segment
-                context = checkpoint(self.memory.read, q, gate, segment_weights, use_reentrant=False)
+                context = checkpoint(self.memory.retrieve, xs, segment_weights, use_reentrant=False)
             else:
-                context = self.memory.read(q, gate, segment_weights)
+                context = self.memory.retrieve(xs, segment_weights)
             y, _ = self.self_attn(xs, (cos, sin), pos, scratch, context=context)
             memory_out, state = self.memory(y, valid_s, state, return_state=True)
             outputs.append(self._gate(y, memory_out))

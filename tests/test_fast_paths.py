@@ -161,6 +161,34 @@ def test_compiled_decode_step_matches_eager(variant, monkeypatch):
     check_compiled_decode_step_matches_eager(variant, monkeypatch)
 
 
+@pytest.mark.parametrize("variant", ["mac", "mag", "lmm"])
+def test_steady_decoding_is_one_graph_for_every_prompt_length(variant, monkeypatch):
+    """The whole-step decoding graph is traced once: prompts of different lengths leave their caches in one layout
+    (prefill's slices would otherwise differ in strides) and MAC's segment-start weights never alias the memory's
+    (as they do after a prefill), so nothing recompiles. Traced with dynamo's counting backend (no inductor, fast);
+    generated tokens equal the eager ones."""
+    import modeling_titans
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(modeling_titans.TitansModel._decoding_step, backend=counter, dynamic=False)
+    monkeypatch.setattr(modeling_titans, "_compiled_decoding_step", lambda: step)
+    eager_chunks = (modeling_titans.memory_chunk_update, modeling_titans.memory_chunk_update_backward)
+    monkeypatch.setattr(modeling_titans, "_compiled_chunk_functions", lambda: eager_chunks)  # prefill stays eager
+    model = tiny_model(variant, scale=0.1)
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for length in (9, 14, 23):  # >= the window (8): every attention cache is full after the prompt
+            ids = torch.randint(2, 64, (1, length), generator=gen)
+            monkeypatch.setenv("TITANS_MEMORY_KERNEL", "torch")
+            eager = model.generate(ids, max_new_tokens=7, do_sample=False)
+            monkeypatch.setenv("TITANS_MEMORY_KERNEL", "compile")
+            assert model.generate(ids, max_new_tokens=7, do_sample=False).tolist() == eager.tolist()
+    assert counter.frame_count == 1, f"the decoding step was traced {counter.frame_count} times"
+    assert counter.op_count > 0
+
+
 @pytest.mark.parametrize("variant", ["mac", "mag"])
 def test_training_trims_the_heap_on_large_inputs_only(variant, monkeypatch):
     """On a large CPU training input, free heap pages go back to the OS (glibc malloc_trim) after each decoder layer,
