@@ -151,5 +151,6 @@ def test_cuda_inductor_training_step_matches_eager(variant):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["mag", "mac"])
 def test_cuda_compiled_decode_step_matches_eager(variant, monkeypatch):
-    """TITANS_MEMORY_KERNEL=compile's one-token memory step as generated Triton kernels, against the eager step."""
+    """TITANS_MEMORY_KERNEL=compile's decoding steps (per-layer memory step, then the whole step) as generated Triton
+    kernels, against the eager steps."""
     check_compiled_decode_step_matches_eager(variant, monkeypatch, device=CUDA)
