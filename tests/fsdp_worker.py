@@ -94,8 +94,8 @@ def main(out_dir):
     results = {variant: check_variant(variant, rank, world, mesh, out_dir) for variant in VARIANTS}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world_size": world, "variants": results}, f, indent=1)
-    # rank 0 saves and reloads after the others are done: tearing gloo down while a peer still works aborted a rank
-    # once in CI ("terminate called without an active exception")
+    # rank 0 still saves and reloads the last variant when the others get here; tearing gloo down while a peer still
+    # works aborted a rank once in CI ("terminate called without an active exception")
     dist.barrier()
     dist.destroy_process_group()
 
