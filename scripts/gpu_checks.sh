@@ -10,7 +10,9 @@
 #   chunkc    the same benchmark with TITANS_MEMORY_KERNEL=compile (each chunk through inductor: fewer, fused launches)
 #   fsdp      FSDP2 through Trainer (torchrun, --fsdp, --bf16) for a few steps
 #   compile   the slow tests of tests/test_gpu.py (torch.compile / inductor on CUDA)
-# Usage: OUT=/tmp/gpu bash scripts/gpu_checks.sh [stage ...]   (default: all, in the order above)
+#   decode    (only when named) cached decoding at contexts 128 and 8192 with TITANS_MEMORY_KERNEL=compile (one
+#             graph per steady step) for Titans, memory-disabled and Llama, batch 1, fp32
+# Usage: OUT=/tmp/gpu bash scripts/gpu_checks.sh [stage ...]   (default: all but decode, in the order above)
 # Each stage has its own time limit; a stage that fails or times out does not stop the others. The logs are packed
 # into $OUT/logs.tgz at the end (the device tool returns at most 8 files); JSON results stay beside it.
 # Machines without a package registry: put the pinned wheels the image lacks in .whl/ (on 2026-11-26 the H200 image
@@ -66,5 +68,9 @@ stage fsdp 100 env TITANS_RANK_LOG_DIR="$LOGS" torchrun --nproc_per_node 1 scrip
     --stdlib_max_bytes 1000000 --block_size 256 --per_device_train_batch_size 8 --max_new_tokens 0 \
     --check_reload false --save_strategy no --report_to none --max_eval_samples 16
 stage compile 150 $PY -m pytest -v -p no:cacheprovider tests/test_gpu.py -m slow
+stage decode ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/benchmark.py --device "${BENCH_DEVICE:-cuda}" \
+    --models "${DECODE_MODELS:-mag,mac,swa,llama}" --no-train --decode-contexts 128,8192 --decode-repeats 2 \
+    --isolation model --code-ref worktree --timeout 240 --plot none \
+    --note "${BENCH_NOTE:-gpu_checks.sh} compiled decoding" --output "$OUT/benchmark_gpu_decode.json"
 tar czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"
 ls -la "$OUT"
