@@ -1459,12 +1459,12 @@ class TitansNeuralMemory(nn.Module):
         S_t = η_t S_{t-1} - θ_t u_t (Eq. 14), M_t = (1-α_t) M_{t-1} + α_t M_init + S_t (Eq. 13, D7), with u_t taken at
         the chunk-start weights (Eq. 16), exactly as the chunk form does. The chunk closes when the buffer is full."""
         current_w, current_s = self._current(state)
-        update, conv = type(self)._decode_update, state.conv
-        if _use_compiled_memory():  # prefill leaves the conv state as a strided slice: one layout, one graph
-            update, conv = _compiled_decode_update(), conv.clone(memory_format=torch.contiguous_format)
+        update, buffers = type(self)._decode_update, (state.buffer_k, state.buffer_v, state.buffer_gates)
+        conv = state.conv
+        if _use_compiled_memory():  # prefill leaves the buffers and conv state as strided slices: one layout, one graph
+            update, buffers, conv = _compiled_decode_update(), tuple(map(_contiguous, buffers)), _contiguous(conv)
         out, new_w, new_s, closed, *buffers = update(
-            self, x, state.weights, current_w, current_s, state.buffer_k, state.buffer_v, state.buffer_gates,
-            state.buffer_length, conv,
+            self, x, state.weights, current_w, current_s, *buffers, state.buffer_length, conv
         )  # fmt: skip
         if torch.compiler.is_compiling() or bool(closed.any()):  # a closed chunk's end is the next boundary; `where`
             at = closed.view(-1, 1, 1, 1)  # copies, so it never aliases current_weights (aliases cost a second graph)
@@ -2263,8 +2263,9 @@ class TitansModel(TitansPreTrainedModel):
                     state.current_weights, state.current_momentum = decoder_layer.memory._current(state)
         seen = set()
 
-        def canonical(t):  # graphs are specialised on strides (prefill leaves slices of its length) and on aliasing
-            t = _contiguous(t)  # (MAC's segment-start weights are the memory's own after a prefill)
+        def canonical(t):  # graphs are specialised on strides (prefill leaves slices of its length), on aliasing
+            t = _contiguous(t)  # (MAC's segment-start weights are the memory's own after a prefill) and on
+            t = t.detach() if t.requires_grad else t  # requires_grad (before a chunk closes, M_0 views the parameters)
             t = t.clone() if id(t) in seen else t
             seen.add(id(t))
             return t

@@ -164,8 +164,9 @@ def test_compiled_decode_step_matches_eager(variant, monkeypatch):
 @pytest.mark.parametrize("variant", ["mac", "mag", "lmm"])
 def test_steady_decoding_is_one_graph_for_every_prompt_length(variant, monkeypatch):
     """The whole-step decoding graph is traced once: prompts of different lengths leave their caches in one layout
-    (prefill's slices would otherwise differ in strides) and MAC's segment-start weights never alias the memory's
-    (as they do after a prefill), so nothing recompiles. Traced with dynamo's counting backend (no inductor, fast);
+    (prefill's slices would otherwise differ in strides), MAC's segment-start weights never alias the memory's (as they
+    do after a prefill), and a memory whose first chunk is still open (M_0 a view of the parameters, requires_grad)
+    enters the graph like any other, so nothing recompiles. Traced with dynamo's counting backend (no inductor, fast);
     generated tokens equal the eager ones."""
     import modeling_titans
     from torch._dynamo.testing import CompileCounter
@@ -176,10 +177,10 @@ def test_steady_decoding_is_one_graph_for_every_prompt_length(variant, monkeypat
     monkeypatch.setattr(modeling_titans, "_compiled_decoding_step", lambda: step)
     eager_chunks = (modeling_titans.memory_chunk_update, modeling_titans.memory_chunk_update_backward)
     monkeypatch.setattr(modeling_titans, "_compiled_chunk_functions", lambda: eager_chunks)  # prefill stays eager
-    model = tiny_model(variant, scale=0.1)
+    model = tiny_model(variant, scale=0.1, memory_chunk_size=8)
     gen = torch.Generator().manual_seed(8)
     with torch.no_grad():
-        for length in (9, 14, 23):  # >= the window (8): every attention cache is full after the prompt
+        for length in (7, 23, 14):  # >= window - 1: every cache is full after the prompt; 7 < one chunk of 8
             ids = torch.randint(2, 64, (1, length), generator=gen)
             monkeypatch.setenv("TITANS_MEMORY_KERNEL", "torch")
             eager = model.generate(ids, max_new_tokens=7, do_sample=False)
