@@ -41,6 +41,14 @@ except ImportError:  # installed top-level py_module, or run from the repository
 logger = logging.get_logger(__name__)
 
 
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return weight * hidden_states.to(input_dtype)
+
+
 class TitansRMSNorm(nn.Module):
     def __init__(self, hidden_size, eps: float = 1e-6) -> None:
         super().__init__()
@@ -48,11 +56,7 @@ class TitansRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 class TitansRotaryEmbedding(nn.Module):
@@ -512,9 +516,11 @@ def memory_scan(
     initial = tuple(initial) if initial is not None else ()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (lr, log_eta, log_keep)):
         # b×b coefficients of every chunk: cheap to recompute in the backward, large to store
-        coefficients = checkpoint(memory_chunk_coefficients, lr, log_eta, log_keep, chunk_size, use_reentrant=False)
+        coefficients = checkpoint(
+            _maybe_compiled(memory_chunk_coefficients), lr, log_eta, log_keep, chunk_size, use_reentrant=False
+        )
     else:
-        coefficients = memory_chunk_coefficients(lr, log_eta, log_keep, chunk_size)
+        coefficients = _maybe_compiled(memory_chunk_coefficients)(lr, log_eta, log_keep, chunk_size)
     tensors = (*weights, *momentum, *initial, q, k, v, *coefficients)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         out, *state = _MemoryScanFunction.apply(chunk_size, activation, len(weights), select_chunk, *tensors)
@@ -594,6 +600,18 @@ def _use_compiled_memory() -> bool:
     """TITANS_MEMORY_KERNEL=compile, and not inside a model that is itself being compiled (dynamo traces the eager
     functions there)."""
     return _memory_kernel_mode() == "compile" and not torch.compiler.is_compiling()
+
+
+@functools.cache
+def _compiled_function(fn):
+    # Shapes vary with the input length (MAC: one segment per call, so one shape): the first call compiles for its
+    # shapes, a second shape recompiles once with dynamic sizes (torch.compile's automatic dynamic shapes).
+    return torch.compile(fn)
+
+
+def _maybe_compiled(fn):
+    """fn torch.compile'd under `_use_compiled_memory` (inductor fuses its elementwise work), else fn itself."""
+    return _compiled_function(fn) if _use_compiled_memory() else fn
 
 
 def _chunk_functions():
@@ -1247,6 +1265,71 @@ class _CausalDepthwiseConv(torch.autograd.Function):
         return grad_padded, grad_weight
 
 
+# The memory's elementwise work, as functions of tensors (parameters passed in), so that under
+# TITANS_MEMORY_KERNEL=compile one graph per function serves every layer (`_maybe_compiled`). Eager, each is the
+# reference; compiled, inductor fuses it and recomputes what is cheap in the backward.
+
+
+def _split_heads(x: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:  # (B, T, H·d) -> (B, H, T, d)
+    return x.view(*x.shape[:2], num_heads, -1).transpose(1, 2).to(dtype)
+
+
+def memory_qkv_activations(padded, conv_weight, num_heads, dtype, value_norm):
+    """q, k, v = SiLU(ShortConv(x W)), q/k (and v, D5) ℓ2-normalised per head (§4.4): (B, H, T, d) each, from the
+    projections x W (B, T, 3·H·d) preceded by the K-1 projections before them (the conv state)."""
+    if conv_weight is None:
+        out = padded
+    elif padded.shape[1] == conv_weight.shape[1]:  # one token (decoding): one product and sum per channel
+        out = (padded * conv_weight.T).sum(1, keepdim=True)
+    elif torch.compiler.is_compiling():  # the same K shifted multiply-adds, differentiated by the compiler
+        steps = padded.shape[1] - conv_weight.shape[1] + 1
+        taps = conv_weight.t().to(torch.promote_types(padded.dtype, torch.float32))
+        out = sum(padded[:, j : j + steps] * taps[j] for j in range(taps.shape[0])).to(padded.dtype)
+    else:
+        out = _CausalDepthwiseConv.apply(padded, conv_weight)
+    q, k, v = (_split_heads(t, num_heads, dtype) for t in F.silu(out).chunk(3, dim=-1))
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    if value_norm:  # bounded regression targets keep long streams finite (model card D5)
+        v = F.normalize(v, dim=-1)
+    return q, k, v
+
+
+def memory_gates(lr_logit, forget_logit, eta_logit, bias, max_lr, dtype):
+    """θ_t, log η_t, log(1 - α_t) from their projections (None: that gate is ablated), stacked as (B, H, T, 3)."""
+    bias = bias.to(dtype)
+    lr = max_lr * torch.sigmoid(lr_logit.to(dtype) + bias[0])
+    if forget_logit is not None:
+        log_keep = F.logsigmoid(-(forget_logit.to(dtype) + bias[1]))
+    else:
+        log_keep = torch.zeros_like(lr)
+    if eta_logit is not None:
+        eta_logit = eta_logit.to(dtype) + bias[2]
+        log_eta = F.logsigmoid(eta_logit)
+        # θ_t scaled by (1 - η_t) (model card D18): momentum then averages the surprise instead of summing it,
+        # so a chunk moves the memory by at most Σθ, never Σθ/(1 - η), whatever η the outer training learns.
+        lr = lr * torch.sigmoid(-eta_logit)
+    else:  # η = 0 (ablation): a large negative log keeps the closed form finite and exact
+        log_eta = torch.full_like(lr, -1e4)
+    return torch.stack([lr, log_eta, log_keep], dim=-1).transpose(1, 2)
+
+
+def memory_output_gate(y, g, norm_weight, eps):
+    """RMSNorm(y) per head ⊙ SiLU(g) (§4.4's output normalisation and gate), heads merged: (B, T, H, d) and the
+    gate projection (B, T, H·d) -> (B, T, H·d), ready for the output projection."""
+    return (rms_norm(y, norm_weight, eps) * F.silu(g).view(y.shape)).flatten(2)
+
+
+def memory_read(q, g, weights, norm_weight, eps, activation, num_heads, dtype):
+    """MAC's read-out M*(q) (Eq. 21) from the query and gate projections, up to the output projection."""
+    q = F.normalize(_split_heads(F.silu(q), num_heads, dtype), dim=-1)
+    return memory_output_gate(memory_apply(weights, q, activation).transpose(1, 2).to(g.dtype), g, norm_weight, eps)
+
+
+def memory_gate(y, memory_out, y_weight, y_eps, memory_weight, memory_eps):
+    """⊗ of Eq. 25/28: both branches normalised with learnable weights, then a sigmoid gate."""
+    return rms_norm(y, y_weight, y_eps) * torch.sigmoid(rms_norm(memory_out, memory_weight, memory_eps))
+
+
 def _compact(x: torch.Tensor, valid: torch.Tensor):
     """Move each row's valid (non-padding) positions to the front, keeping their order. Returns (x', perm)."""
     perm = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
@@ -1352,44 +1435,15 @@ class TitansNeuralMemory(nn.Module):
         # the inner optimisation runs in fp32 even when the model is bf16/fp16 (fp64 stays fp64)
         return torch.promote_types(self.memory_weights[0].dtype, torch.float32)
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H*d) -> (B, H, T, d) in the state dtype
-        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2).to(self.state_dtype)
-
-    def _short_conv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
-        """Depthwise causal convolution over time (§4.4); returns (output, padded input for the next state)."""
-        if self.conv_weight is None:
-            return x, None
-        k = self.conv_size
-        if conv_state is None:
-            conv_state = x.new_zeros(x.shape[0], k - 1, x.shape[-1])
-        padded = torch.cat([conv_state.to(x.dtype), x], dim=1)
-        if x.shape[1] == 1:  # decoding: one product and sum per channel, cheaper than the autograd Function below
-            return (padded * self.conv_weight.to(x.dtype).T).sum(1, keepdim=True), padded
-        return _CausalDepthwiseConv.apply(padded, self.conv_weight.to(x.dtype)), padded
-
     def _gates(self, x: torch.Tensor):
         """θ_t, log η_t, log(1 - α_t): per token and head, (B, H, T) in fp32 (Eq. 13-14 made data-dependent)."""
-        dtype = self.state_dtype
-        bias = self.gate_bias.to(dtype)
-        lr = self.config.memory_max_lr * torch.sigmoid(self.lr_proj(x).to(dtype) + bias[0])
-        if self.forget_proj is not None:
-            log_keep = F.logsigmoid(-(self.forget_proj(x).to(dtype) + bias[1]))
-        else:
-            log_keep = torch.zeros_like(lr)
-        if self.momentum_proj is not None:
-            eta_logit = self.momentum_proj(x).to(dtype) + bias[2]
-            log_eta = F.logsigmoid(eta_logit)
-            # θ_t scaled by (1 - η_t) (model card D18): momentum then averages the surprise instead of summing it,
-            # so a chunk moves the memory by at most Σθ, never Σθ/(1 - η), whatever η the outer training learns.
-            lr = lr * torch.sigmoid(-eta_logit)
-        else:  # η = 0 (ablation): a large negative log keeps the closed form finite and exact
-            log_eta = torch.full_like(lr, -1e4)
-        return torch.stack([lr, log_eta, log_keep], dim=-1).transpose(1, 2)
+        logits = [None if p is None else p(x) for p in (self.lr_proj, self.forget_proj, self.momentum_proj)]
+        return _maybe_compiled(memory_gates)(*logits, self.gate_bias, self.config.memory_max_lr, self.state_dtype)
 
     def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # y: (B, T, H, d)
-        y = self.output_norm(y.to(x.dtype))
-        gate = F.silu(self.g_proj(x)).view(*x.shape[:2], self.num_heads, self.head_dim)
-        return self.o_proj((y * gate).flatten(2))
+        norm = self.output_norm
+        gated = _maybe_compiled(memory_output_gate)(y.to(x.dtype), self.g_proj(x), norm.weight, norm.variance_epsilon)
+        return self.o_proj(gated)
 
     def initial_state(self, batch_size: int, device, dtype=torch.float32) -> TitansMemoryState:
         weights = tuple(w.to(self.state_dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.memory_weights)
@@ -1407,8 +1461,12 @@ class TitansNeuralMemory(nn.Module):
 
     def retrieve(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """MAC's h_t = M*_{t-1}(q_t) (Eq. 21): read a given memory state with the queries of x, no update."""
-        q = F.normalize(self._split_heads(F.silu(self.q_proj(x))), dim=-1)
-        return self._output(memory_apply(weights, q, self.activation).transpose(1, 2), x)
+        norm = self.output_norm
+        read = _maybe_compiled(memory_read)(
+            self.q_proj(x), self.g_proj(x), weights, norm.weight, norm.variance_epsilon, self.activation,
+            self.num_heads, self.state_dtype,
+        )  # fmt: skip
+        return self.o_proj(read)
 
     def _qkv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
         """q, k, v = SiLU(ShortConv(x W)), q/k (and v, D5) ℓ2-normalised per head (§4.4): (B, H, T, d) each."""
@@ -1421,18 +1479,24 @@ class TitansNeuralMemory(nn.Module):
                 state = None if state is None else state[:, state.shape[1] - self.conv_size + 1 :]
             return *(torch.cat(t, dim=2) for t in zip(*pieces)), None
         projected = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        if torch.is_grad_enabled() and projected.requires_grad:  # elementwise work: recompute rather than store
+        # elementwise work: recompute rather than store (compiled, the graph's own partition already does)
+        if torch.is_grad_enabled() and projected.requires_grad and not _use_compiled_memory():
             return checkpoint(self._qkv_from_projection, projected, conv_state, use_reentrant=False)
         return self._qkv_from_projection(projected, conv_state)
 
     def _qkv_from_projection(self, projected: torch.Tensor, conv_state: torch.Tensor | None):
-        conv_out, conv_in = self._short_conv(projected, conv_state)
-        q, k, v = F.silu(conv_out).chunk(3, dim=-1)
-        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        if self.config.memory_value_norm:  # bounded regression targets keep long streams finite (model card D5)
-            v = F.normalize(v, dim=-1)
-        return q, k, v, conv_in
+        """(q, k, v, conv input): the conv input (conv state + projections) gives the next conv state."""
+        if self.conv_weight is None:
+            padded = weight = None
+        else:
+            if conv_state is None:
+                conv_state = projected.new_zeros(projected.shape[0], self.conv_size - 1, projected.shape[-1])
+            padded, weight = torch.cat([conv_state.to(projected.dtype), projected], dim=1), self.conv_weight
+        q, k, v = _maybe_compiled(memory_qkv_activations)(
+            projected if padded is None else padded, None if weight is None else weight.to(projected.dtype),
+            self.num_heads, self.state_dtype, self.config.memory_value_norm,
+        )  # fmt: skip
+        return q, k, v, padded
 
     def _initial_weights(self) -> tuple[torch.Tensor, ...]:
         return tuple(w.to(self.state_dtype).unsqueeze(0) for w in self.memory_weights)
@@ -1732,7 +1796,15 @@ class TitansAttention(nn.Module):
         key, value = self._kv(hidden_states, cos, sin)
         kv_pos = positions
         num_cached = 0
-        if layer_cache is not None and layer_cache.keys is not None:
+        # MAC: a slice that is one whole segment in every row sees no cached key (they all lie in earlier segments),
+        # so it skips them: half the keys of a training segment, and the same cache afterwards
+        whole_segment = (
+            self.segment
+            and q_len == self.window
+            and not torch.compiler.is_compiling()
+            and bool(((positions[:, 0] >= 0) & (positions[:, 0] % self.window == 0)).all())
+        )
+        if layer_cache is not None and layer_cache.keys is not None and not whole_segment:
             num_cached = layer_cache.keys.shape[2]
             key = torch.cat([layer_cache.keys, key], dim=2)
             value = torch.cat([layer_cache.values, value], dim=2)
@@ -1744,7 +1816,7 @@ class TitansAttention(nn.Module):
         if self.segment:
             mask = titans_attention_mask(positions, kv_pos, num_cached, 0, segment=self.window)
             ctx_key, ctx_value = self._kv(context, cos, sin)
-            if layer_cache is not None and layer_cache.context_keys is not None:
+            if layer_cache is not None and layer_cache.context_keys is not None and not whole_segment:
                 ctx_key = torch.cat([layer_cache.context_keys, ctx_key], dim=2)
                 ctx_value = torch.cat([layer_cache.context_values, ctx_value], dim=2)
             ctx_mask = titans_attention_mask(
@@ -2075,7 +2147,8 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         self.mlp = TitansMLP(config)
 
     def _gate(self, y: torch.Tensor, memory_out: torch.Tensor) -> torch.Tensor:
-        return self.attention_gate_norm(y) * torch.sigmoid(self.memory_gate_norm(memory_out))
+        a, m = self.attention_gate_norm, self.memory_gate_norm
+        return _maybe_compiled(memory_gate)(y, memory_out, a.weight, a.variance_epsilon, m.weight, m.variance_epsilon)
 
     def _attention(self, x, position_embeddings, positions, layer_cache, **kwargs):
         """Sliding-window attention. Long inputs without a cache go by time pieces (`_PIECE_ELEMENTS`), each seeing

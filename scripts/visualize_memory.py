@@ -10,9 +10,9 @@
   each chunk starts from, drawn as a step over the chunk's tokens;
 - retrieval: ||M_t(q_t)||, the norm of what the memory returns for token t (before the output norm and gate).
 
-Nothing in `modeling_titans.py` changes. Forward hooks record each memory layer's input x and its per-token
-retrieval (the input of `output_norm`) during one ordinary forward pass of the model; the script then recomputes
-the projections and gates with the layer's own modules (`q_proj`/`k_proj`/`v_proj`, `_short_conv`, `_gates`) and
+Nothing in `modeling_titans.py` changes. Hooks record each memory layer's input x and its per-token retrieval (the
+input of its `_output`) during one ordinary forward pass of the model; the script then recomputes the projections
+and gates with the layer's own code (`_qkv`, `_gates`) and
 gets the chunk-start weights by streaming x through the layer chunk by chunk with its `TitansMemoryState`, as a
 `TitansCache` does. Writes one PNG (and, with --json, the numbers).
 
@@ -28,7 +28,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,16 +49,20 @@ def find_memories(model):
 
 
 class Recorder:
-    """Hooks on one memory: the inputs x of its `forward` calls and the per-token retrieval M_t(q_t) (the input of
-    `output_norm` while inside `forward`; MAC's `retrieve` also uses output_norm but is not a forward call)."""
+    """Hooks on one memory: the inputs x of its `forward` calls and the per-token retrieval M_t(q_t) (the first
+    argument of its `_output`, wrapped on the instance, while inside `forward`)."""
 
     def __init__(self, memory):
-        self.inputs, self.retrievals, self.inside = [], [], False
-        self.handles = [
-            memory.register_forward_pre_hook(self.pre),
-            memory.register_forward_hook(self.post),
-            memory.output_norm.register_forward_hook(self.norm),
-        ]
+        self.memory, self.inputs, self.retrievals, self.inside = memory, [], [], False
+        output = memory._output
+
+        def recording_output(y, x):
+            if self.inside:
+                self.retrievals.append(y.detach())  # (B, T, H, d)
+            return output(y, x)
+
+        memory._output = recording_output
+        self.handles = [memory.register_forward_pre_hook(self.pre), memory.register_forward_hook(self.post)]
 
     def pre(self, module, args, kwargs=None):
         self.inside = True
@@ -68,25 +71,15 @@ class Recorder:
     def post(self, module, args, output):
         self.inside = False
 
-    def norm(self, module, args, output):
-        if self.inside:
-            self.retrievals.append(args[0].detach())  # (B, T, H, d)
-
     def remove(self):
+        del self.memory._output  # back to the class's method
         for h in self.handles:
             h.remove()
 
 
 def qkv(memory, x: torch.Tensor):
     """The memory's q, k, v for x (B, T, D) from the start of a stream: (B, H, T, d) each, as in its forward."""
-    projected = torch.cat([memory.q_proj(x), memory.k_proj(x), memory.v_proj(x)], dim=-1)
-    conv_out, _ = memory._short_conv(projected, None)
-    q, k, v = F.silu(conv_out).chunk(3, dim=-1)
-    q, k, v = memory._split_heads(q), memory._split_heads(k), memory._split_heads(v)
-    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    if memory.config.memory_value_norm:
-        v = F.normalize(v, dim=-1)
-    return q, k, v
+    return memory._qkv(x, None)[:3]
 
 
 def gradient_factors(weights, k: torch.Tensor, v: torch.Tensor, activation: str, activations=None):

@@ -32,6 +32,19 @@ def test_prefill_then_decode_matches_full_forward(variant, prompt_len):
             out = step
 
 
+def test_mac_continuation_with_right_padding_stays_in_its_segment():
+    """A MAC call of one segment's length skips the cached keys only when it starts a segment in every row. Here the
+    row continues its first segment (3 cached tokens), then 3 real tokens and right padding fill the window."""
+    model = tiny_model("mac")
+    ids = _prompt(WINDOW + 3, seed=3)
+    with torch.no_grad():
+        full = model(ids[:, :6]).logits
+        out = model(ids[:, :3], past_key_values=TitansCache(model.config), use_cache=True)
+        mask = torch.tensor([[1] * 6 + [0] * (WINDOW - 3)])
+        continued = model(ids[:, 3:], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(continued[:, :3], full[:, 3:], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_one_token_steps_of_a_left_padded_batch(impl):
     """Decoding steps skip the attention mask once every cached key is a real token; while left padding is still

@@ -72,8 +72,8 @@ def test_inductor_training_step_matches_eager():
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["mag", "mac"])
 def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
-    """TITANS_MEMORY_KERNEL=compile (each chunk's forward and hand-written backward through inductor) against the eager
-    scan: a training step on a left-padded batch (rows closing different numbers of chunks) and greedy generation.
+    """TITANS_MEMORY_KERNEL=compile (each chunk's forward and hand-written backward through inductor, and the memory's
+    elementwise functions) against the eager scan: a training step on a left-padded batch (rows closing different numbers of chunks) and greedy generation.
     Stated tolerances: logits 1e-5, gradients 1e-5 + 0.1 % (fp32 sums reassociated by the generated kernels)."""
     import modeling_titans
 
@@ -95,13 +95,17 @@ def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
     with torch.no_grad():
         eager_tokens = model.eval().generate(ids[:1, :20], max_new_tokens=12, do_sample=False)
     monkeypatch.setenv("TITANS_MEMORY_KERNEL", "compile")
-    calls = []
-    compiled = modeling_titans._compiled_chunk_functions()
+    calls, used = [], set()
+    compiled, compiled_function = modeling_titans._compiled_chunk_functions(), modeling_titans._compiled_function
     monkeypatch.setattr(modeling_titans, "_compiled_chunk_functions",
                         lambda: calls.append(1) or compiled)  # fmt: skip
+    monkeypatch.setattr(modeling_titans, "_compiled_function", lambda fn: used.add(fn.__name__) or compiled_function(fn))
     model.train()
     logits, grads = step()
     assert calls, "the compiled chunk functions were not used"
+    elementwise = {"memory_qkv_activations", "memory_gates", "memory_chunk_coefficients", "memory_output_gate",
+                   "memory_gate", *(["memory_read"] if variant == "mac" else [])}  # fmt: skip
+    assert used == elementwise
     torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=0)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-3)
