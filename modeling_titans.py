@@ -551,6 +551,10 @@ def _contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride() == tuple(reversed(strides)) else x.clone(memory_format=torch.contiguous_format)
 
 
+def _detached(tensors):
+    return tuple(t.detach() for t in tensors)
+
+
 def _chunks(sequence, chunk_size):
     # Split once: per-chunk slicing would make the backward write a full-length zero gradient per chunk.
     q, k, v, g, *per_token = sequence
@@ -610,8 +614,10 @@ def _compiled_function(fn):
 
 
 def _maybe_compiled(fn):
-    """fn torch.compile'd under `_use_compiled_memory` (inductor fuses its elementwise work), else fn itself."""
-    return _compiled_function(fn) if _use_compiled_memory() else fn
+    """fn torch.compile'd under `_use_compiled_memory` in training (inductor fuses its elementwise work), else fn.
+    Without autograd (a prefill, once per prompt length) the graphs would be compiled again for a gain of a few
+    milliseconds, before the decoding graph's own compile."""
+    return _compiled_function(fn) if _use_compiled_memory() and torch.is_grad_enabled() else fn
 
 
 def _chunk_functions():
@@ -658,9 +664,12 @@ class _MemoryScanFunction(torch.autograd.Function):
                 _triton_failed(_triton_key(tensors, depth, chunk_size, activation, initial), error)
                 ctx.triton = False
         if not ctx.triton:
+            # detached (no-op here, grad is off): the compiled chunk functions guard on requires_grad, which differs
+            # between a MAC segment's first state and later segments' (two graphs for the same work otherwise)
             out, new_w, new_s, boundaries = _scan_chunks(
-                weights, momentum, sequence, chunk_size, activation, select_chunk, initial, keep_states=True
-            )
+                _detached(weights), _detached(momentum), _detached(sequence), chunk_size, activation, select_chunk,
+                None if initial is None else _detached(initial), keep_states=True,
+            )  # fmt: skip
         ctx.chunk_size, ctx.activation, ctx.depth, ctx.select_chunk = chunk_size, activation, depth, select_chunk
         ctx.boundaries = boundaries
         ctx.save_for_backward(*tensors)
@@ -704,7 +713,7 @@ class _MemoryScanFunction(torch.autograd.Function):
                 grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, c + 1, grad_sel_s, zero(grad_s))))
             start_w, start_s = ctx.boundaries[c]
             grad_w, grad_s, grad_init, *grads = chunk_backward(
-                start_w, start_s, *inputs[c], ctx.activation, initial or None,
+                _detached(start_w), _detached(start_s), *_detached(inputs[c]), ctx.activation, initial or None,
                 grad_out[..., c * chunk_size : (c + 1) * chunk_size, :], grad_w, grad_s,
             )  # fmt: skip
             grad_initial = [acc + g for acc, g in zip(grad_initial, grad_init or ())]
@@ -1445,8 +1454,13 @@ class TitansNeuralMemory(nn.Module):
         gated = _maybe_compiled(memory_output_gate)(y.to(x.dtype), self.g_proj(x), norm.weight, norm.variance_epsilon)
         return self.o_proj(gated)
 
+    def _batch_weights(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        """M_0 of every row: the learned initial weights, copied per row rather than expanded (the compiled chunk
+        and read-out functions specialise on strides: a stride-0 batch dim compiled each of them twice)."""
+        return tuple(w.to(self.state_dtype).expand(batch_size, *w.shape).contiguous() for w in self.memory_weights)
+
     def initial_state(self, batch_size: int, device, dtype=torch.float32) -> TitansMemoryState:
-        weights = tuple(w.to(self.state_dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.memory_weights)
+        weights = self._batch_weights(batch_size)
         inner = self.num_heads * self.head_dim
         zeros = lambda *s: torch.zeros(*s, device=device, dtype=self.state_dtype)  # noqa: E731
         return TitansMemoryState(
@@ -1603,7 +1617,7 @@ class TitansNeuralMemory(nn.Module):
         gates = self._gates(xc)  # (B, H, T, 3)
 
         if fast:
-            weights = tuple(w.to(self.state_dtype).unsqueeze(0).expand(bsz, *w.shape) for w in self.memory_weights)
+            weights = self._batch_weights(bsz)
             momentum = tuple(torch.zeros_like(w) for w in weights)
             offset, total, select = 0, None, None
         else:
