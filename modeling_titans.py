@@ -533,6 +533,10 @@ def memory_scan(
             return out, new_w, new_s
         except Exception as error:
             _triton_failed(_triton_key(tensors, len(weights), chunk_size, activation, initial), error)
+    if _use_compiled_memory():  # one graph for the compiled chunk (it guards on strides and requires_grad): a
+        # prefill's q/k/v are token-major or padded, the chunk buffers of decoding are not; state may view parameters
+        q, k, v = _contiguous(q), _contiguous(k), _contiguous(v)
+        weights, momentum, initial = _detached(weights), _detached(momentum), _detached(initial)
     out, new_w, new_s, _ = _scan_chunks(
         weights, momentum, (q, k, v, *coefficients), chunk_size, activation, select_chunk, initial or None
     )
