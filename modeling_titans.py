@@ -1300,11 +1300,11 @@ def memory_qkv_activations(padded, conv_weight, num_heads, dtype, value_norm):
         out = sum(padded[:, j : j + steps] * taps[j] for j in range(taps.shape[0])).to(padded.dtype)
     else:
         out = _CausalDepthwiseConv.apply(padded, conv_weight)
-    q, k, v = (_split_heads(t, num_heads, dtype) for t in F.silu(out).chunk(3, dim=-1))
-    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    if value_norm:  # bounded regression targets keep long streams finite (model card D5)
-        v = F.normalize(v, dim=-1)
-    return q, k, v
+    heads = F.silu(out).view(*out.shape[:2], 3 * num_heads, -1).to(dtype)  # (B, T, 3H, d): q, k, v heads in turn
+    if value_norm:  # bounded regression targets keep long streams finite (model card D5); one norm for all three
+        return F.normalize(heads, dim=-1).transpose(1, 2).chunk(3, dim=1)
+    q, k = F.normalize(heads[:, :, : 2 * num_heads], dim=-1).transpose(1, 2).chunk(2, dim=1)
+    return q, k, heads[:, :, 2 * num_heads :].transpose(1, 2)
 
 
 def memory_gates(lr_logit, forget_logit, eta_logit, bias, max_lr, dtype):
@@ -1566,9 +1566,11 @@ class TitansNeuralMemory(nn.Module):
         new_s, new_w = [], []
         with _autocast_off():
             for layer, init in enumerate(self._initial_weights()):
-                step = (deltas[layer] * lr).transpose(-1, -2) @ inputs[layer]  # θ_t u_t, u_t = δ_t a_tᵀ
-                new_s.append(eta * current_s[layer] - step)
-                new_w.append(torch.lerp(init, current_w[layer], keep) + new_s[-1])  # (1-α_t) M + α_t M_init + S_t
+                # η_t S - θ_t u_t with u_t = δ_t a_tᵀ, the outer product accumulated by one batched baddbmm
+                pairs = ((deltas[layer] * lr).flatten(0, 1).transpose(1, 2), inputs[layer].flatten(0, 1))
+                s = torch.baddbmm((eta * current_s[layer]).flatten(0, 1), *pairs, alpha=-1).view_as(current_s[layer])
+                new_s.append(s)
+                new_w.append(torch.lerp(init, current_w[layer], keep).add_(s))  # (1-α_t) M + α_t M_init + S_t
         out = self._output(memory_apply(new_w, q, self.activation).transpose(1, 2), x)
 
         slot = length.view(-1, 1, 1, 1)
@@ -1831,12 +1833,30 @@ class TitansAttention(nn.Module):
         keep = self.window - 1  # a query sees itself and at most window-1 earlier tokens
         n_p = 0 if self.persistent_tokens is None else self.persistent_tokens.shape[0]
         blocked = False
-        if self.segment:
-            mask = titans_attention_mask(positions, kv_pos, num_cached, 0, segment=self.window)
+        if self.segment:  # MAC's retrieved tokens, aligned with the keys (the same positions)
             ctx_key, ctx_value = self._kv(context, cos, sin)
             if layer_cache is not None and layer_cache.context_keys is not None and not whole_segment:
                 ctx_key = torch.cat([layer_cache.context_keys, ctx_key], dim=2)
                 ctx_value = torch.cat([layer_cache.context_values, ctx_value], dim=2)
+        # one-token decoding: the cache holds only the window-1 previous real tokens, so the visible keys are known
+        # without a mask (a traced graph takes the general mask: no data-dependent branch)
+        one_token = (
+            q_len == 1
+            and self.config._attn_implementation in ("sdpa", "eager")
+            and not torch.compiler.is_compiling()
+            and bool((kv_pos >= 0).all())
+        )
+        if self.segment and one_token:  # MAC: the same phase in every row, so the same number of visible keys
+            phase = positions[:, 0] % self.window
+            one_token = bool((phase == phase[0]).all())
+        if self.segment and one_token:  # MAC: the segment's keys so far, and its retrieved tokens within the lookback
+            seen = int(phase[0]) + 1
+            lookback = min(seen, self.config.num_memory_tokens or seen)
+            mask = None
+            all_key = torch.cat([ctx_key[:, :, -lookback:], key[:, :, -seen:]], dim=2)
+            all_value = torch.cat([ctx_value[:, :, -lookback:], value[:, :, -seen:]], dim=2)
+        elif self.segment:
+            mask = titans_attention_mask(positions, kv_pos, num_cached, 0, segment=self.window)
             ctx_mask = titans_attention_mask(
                 positions, kv_pos, num_cached, 0, segment=self.window, lookback=self.config.num_memory_tokens
             )
@@ -1846,13 +1866,7 @@ class TitansAttention(nn.Module):
         elif q_len > 2 * self.window and self.config._attn_implementation != "flex_attention":  # flex: block mask
             query, all_key, all_value, mask = self._window_blocks(query, key, value, positions, kv_pos, num_cached, n_p)
             blocked = True
-        elif (
-            q_len == 1
-            and self.config._attn_implementation in ("sdpa", "eager")
-            and not torch.compiler.is_compiling()  # (a traced graph takes the general mask: no data-dependent branch)
-            and bool((kv_pos >= 0).all())
-        ):
-            # one-token decoding: the cache holds only the window-1 previous real tokens, so every key is visible
+        elif one_token:  # every cached key is visible
             mask, all_key, all_value = None, key, value
         else:
             mask = titans_attention_mask(positions, kv_pos, num_cached, n_p, window=self.window)

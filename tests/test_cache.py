@@ -32,6 +32,21 @@ def test_prefill_then_decode_matches_full_forward(variant, prompt_len):
             out = step
 
 
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 4 * WINDOW + 3])
+def test_mac_one_token_steps_see_their_segment_and_lookback(prompt_len):
+    """One-token MAC steps attend over the last keys of their segment (and retrieved tokens within
+    `num_memory_tokens`) without a mask when every row is at the same phase: two rows of the same length, lookback
+    3 < window 8, against the full forward's masked attention."""
+    model = tiny_model("mac", num_memory_tokens=3)
+    ids = torch.randint(2, 64, (2, prompt_len + 2 * WINDOW), generator=torch.Generator().manual_seed(prompt_len))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :prompt_len], past_key_values=TitansCache(model.config), use_cache=True)
+        for t in range(prompt_len, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            assert (out.logits[:, -1] - full[:, t]).abs().max() <= 1e-4, t
+
 def test_mac_continuation_with_right_padding_stays_in_its_segment():
     """A MAC call of one segment's length skips the cached keys only when it starts a segment in every row. Here the
     row continues its first segment (3 cached tokens), then 3 real tokens and right padding fill the window."""

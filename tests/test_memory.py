@@ -279,3 +279,22 @@ def test_short_conv_equals_conv1d(kernel):
     exact = F.conv1d(padded.detach().bfloat16().double().transpose(1, 2), weight.detach().bfloat16().double().unsqueeze(1),
                      groups=6).transpose(1, 2)  # fmt: skip
     assert torch.allclose(half.double(), exact, rtol=8e-3, atol=1e-2)  # one bf16 rounding of an fp32 sum
+
+
+@pytest.mark.parametrize("value_norm", [True, False])
+def test_qkv_are_conv_silu_and_per_head_norms(value_norm):
+    """q, k, v = SiLU(causal depthwise conv of x W) per head, q and k (and v with memory_value_norm) of unit norm,
+    written out with an explicit conv over zero-padded time."""
+    memory = randomize(TitansNeuralMemory(tiny_config("mag", memory_value_norm=value_norm), 0))
+    x = torch.randn(2, 9, memory.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q, k, v, _ = memory._qkv(x, None)
+        projected = torch.cat([memory.q_proj(x), memory.k_proj(x), memory.v_proj(x)], dim=-1)
+        size = memory.conv_weight.shape[1]
+        padded = F.pad(projected, (0, 0, size - 1, 0))
+        conv = sum(memory.conv_weight[:, j] * padded[:, j : j + x.shape[1]] for j in range(size))
+        heads = F.silu(conv).view(2, 9, 3, memory.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, T, d)
+        want = [F.normalize(heads[0], dim=-1), F.normalize(heads[1], dim=-1)]
+        want.append(F.normalize(heads[2], dim=-1) if value_norm else heads[2])
+    for got, expected in zip((q, k, v), want):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
