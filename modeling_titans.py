@@ -715,9 +715,9 @@ class _MemoryScanFunction(torch.autograd.Function):
             if select_chunk is not None:
                 grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, c + 1, grad_sel_w, zero(grad_w))))
                 grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, c + 1, grad_sel_s, zero(grad_s))))
-            start_w, start_s = ctx.boundaries[c]
+            start_w, start_s = ctx.boundaries[c]  # (made without autograd: already detached)
             grad_w, grad_s, grad_init, *grads = chunk_backward(
-                _detached(start_w), _detached(start_s), *_detached(inputs[c]), ctx.activation, initial or None,
+                start_w, start_s, *_detached(inputs[c]), ctx.activation, initial or None,
                 grad_out[..., c * chunk_size : (c + 1) * chunk_size, :], grad_w, grad_s,
             )  # fmt: skip
             grad_initial = [acc + g for acc, g in zip(grad_initial, grad_init or ())]
