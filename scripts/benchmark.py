@@ -203,6 +203,14 @@ def _gpu_mem(device) -> dict:
     }
 
 
+def _no_grad(spec):
+    """Decoding runs without autograd: `generate()`'s own torch.no_grad, or torch.inference_mode (--inference-mode,
+    every model alike), which skips autograd's view and version bookkeeping on every op."""
+    import torch
+
+    return torch.inference_mode() if spec.get("inference_mode") else torch.no_grad()
+
+
 def _amp(spec):
     """bf16 mixed precision (`--dtype bfloat16`): fp32 weights, `torch.autocast` around the forward, as Trainer's
     --bf16 does. Titans keeps its memory's inner optimisation in fp32 under autocast (model card D16)."""
@@ -377,7 +385,8 @@ def task_decode(model, family, spec, task, emit):
         torch.cuda.reset_peak_memory_stats()
     res = {"kind": "decode", "model": spec["model"], "context": C, "batch": 1, "steps": task["steps"],
            "status": "running", "warmup_step_s": [], "repeat_step_s": [], "repeat_tokens_per_s": []}  # fmt: skip
-    with torch.no_grad(), _amp(spec):
+    with _no_grad(spec), _amp(spec):
+        res["inference_mode"] = torch.is_inference_mode_enabled()
         run = (_tp_decode if family == "tp" else _hf_decode)(model, spec, task, prompt, res, emit)
         emit(res)
         if task["warmup_steps"]:
@@ -422,7 +431,7 @@ def task_decode_interleaved(model, family, spec, task, emit):
     res = {"kind": "decode_interleaved", "model": spec["model"], "contexts": contexts, "steps": task["steps"],
            "status": "running", "prefill_s": {}, "repeat_tokens_per_s": {str(c): [] for c in contexts}}  # fmt: skip
     runs = {}
-    with torch.no_grad(), _amp(spec):
+    with _no_grad(spec), _amp(spec):
         for C in contexts:
             prompt = torch.randint(0, spec["dims"]["vocab_size"], (1, C), generator=gen).to(spec["device"])
             sub = {}
@@ -588,7 +597,7 @@ def run_child(args, model, tasks, dims, max_len, log):
     spec_path, out_path, err_path = (os.path.join(tmpdir, n) for n in ("spec.json", "out.json", "stderr.txt"))
     spec = dict(model=model, tasks=tasks, dims=dims, max_len=max_len, device=args.device, threads=args.threads,
                 attn=args.attn, out=out_path, code_dir=args.code_dir, dtype=args.dtype,
-                titans_attn=args.titans_attn)  # fmt: skip
+                titans_attn=args.titans_attn, inference_mode=args.inference_mode)  # fmt: skip
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
@@ -855,7 +864,8 @@ def format_tables(data) -> str:
                 cells.append(str(e.get("status", "?")).split(" ")[0])
         lines.append(f"{m:<15}{(p or 0) / 1e6:>9.2f}M" + "".join(f"{c:>20}" for c in cells))
     if plan["decode_contexts"]:
-        lines.append(f"\nDecode (batch 1, greedy, cached, {plan['decode_steps']} steps): tokens/s | prefill s")
+        mode = ", torch.inference_mode" if plan.get("inference_mode") else ""
+        lines.append(f"\nDecode (batch 1, greedy, cached, {plan['decode_steps']} steps{mode}): tokens/s | prefill s")
         lines.append(f"{'model':<15}" + "".join(f"{'ctx ' + str(C):>22}" for C in plan["decode_contexts"]))
         for m in plan["models"]:
             cells = []
@@ -980,6 +990,9 @@ def parse_args(argv=None):
     p.add_argument("--no-decode-interleaved", action="store_true",
                    help="skip the extra per-model process that alternates the shortest and longest decode context")
     p.add_argument("--no-tp-sample-check", action="store_true", help="skip timing titans-pytorch's own sample()")
+    p.add_argument("--inference-mode", action="store_true",
+                   help="decode under torch.inference_mode() instead of torch.no_grad() (every model, titans-pytorch "
+                        "included)")
     p.add_argument("--profile", action="append", default=[],
                    help="MODEL:LEN (one training step) or MODEL:decode:CTX (--profile-decode-steps cached decode steps "
                         "after a CTX-token prefill): a torch.profiler table, stored in the JSON; repeatable")
@@ -1097,7 +1110,7 @@ def main(argv=None) -> int:
                      capped_steps=args.capped_steps, isolation=isolation, device=args.device, quick=q, dims=dims,
                      tp_max_train_len=args.tp_max_train_len, timeout_s=args.timeout, max_rss_gib=args.max_rss_gib,
                      max_position_embeddings=max_len, dtype=args.dtype,
-                     titans_attn=args.titans_attn,
+                     titans_attn=args.titans_attn, inference_mode=args.inference_mode,
                      memory_kernel=os.environ.get("TITANS_MEMORY_KERNEL", "torch")),  # fmt: skip
         "method": {
             "train": "tokens/s = batch*length / median(step), step = forward (loss on all positions) + backward, "

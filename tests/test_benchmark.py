@@ -105,3 +105,21 @@ def test_benchmark_skips_and_records_failures(tmp_path):
     )
     (e,) = data["train"]
     assert e["status"].startswith("timeout"), e
+
+
+@pytest.mark.slow
+def test_benchmark_decode_under_inference_mode(tmp_path):
+    """--inference-mode decodes under torch.inference_mode (every model alike, titans-pytorch too when installed):
+    recorded in the plan, and the same greedy tokens as the default torch.no_grad run."""
+    models = "mac,mag" + (",titans-pytorch" if importlib.util.find_spec("titans_pytorch") else "")
+    common = ("--models", models, "--with-titans-pytorch", "--no-train", "--decode-contexts", "16",
+              "--no-decode-interleaved", "--plot", "none")  # fmt: skip
+    data, stdout, _ = run_quick(tmp_path, *common, "--inference-mode")
+    (tmp_path / "base").mkdir()
+    base, _, _ = run_quick(tmp_path / "base", *common)
+    assert data["plan"]["inference_mode"] and not base["plan"]["inference_mode"]
+    assert "torch.inference_mode" in stdout
+    check_entries(data, models.split(","), [], [16])
+    assert all(e["inference_mode"] for e in data["decode"]) and not any(e["inference_mode"] for e in base["decode"])
+    tokens = lambda d: {e["model"]: e["tokens_head"] for e in d["decode"]}  # noqa: E731
+    assert tokens(data) == tokens(base)
