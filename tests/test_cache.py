@@ -90,14 +90,17 @@ def test_greedy_generate_with_and_without_cache(variant, prompt_len):
 
 
 def test_generate_under_inference_mode(variant):
-    """`torch.inference_mode()` (faster eager decoding, README) gives the same tokens as generate()'s own no_grad."""
+    """`torch.inference_mode()` (faster eager decoding, README) gives the same tokens as generate()'s own no_grad, and
+    its cache (inference tensors) continues the stream outside inference mode."""
     model = tiny_model(variant)
     ids = _prompt(WINDOW + 3, seed=2)
-    kwargs = dict(max_new_tokens=2 * WINDOW, do_sample=False, min_new_tokens=2 * WINDOW)
+    kwargs = dict(max_new_tokens=2 * WINDOW, do_sample=False, min_new_tokens=2 * WINDOW, return_dict_in_generate=True)
     want = model.generate(ids, **kwargs)
+    want_more = model.generate(want.sequences, past_key_values=want.past_key_values, **kwargs)
     with torch.inference_mode():
         got = model.generate(ids, **kwargs)
-    assert torch.equal(got, want)
+    more = model.generate(got.sequences, past_key_values=got.past_key_values, **kwargs)
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(more.sequences, want_more.sequences)
 
 def test_left_padded_batch_generates_like_each_prompt_alone(variant):
     model = tiny_model(variant)
