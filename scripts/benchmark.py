@@ -753,6 +753,32 @@ def titans_pytorch_available() -> bool:
         return False
 
 
+_MEDIAN_OF = {"train": "tokens_per_s", "decode": "tokens_per_s", "decode_interleaved": "ratio_long_short"}
+
+
+def median_rounds(data) -> None:
+    """--rounds: one entry per point, the round whose figure (tokens/s; the long/short ratio for the alternating
+    decode) is the median (the lower one for an even count), with every round's figure attached; all rounds' entries
+    move to data["rounds"]."""
+    data["rounds"] = {}
+    for kind, field in _MEDIAN_OF.items():
+        groups = {}
+        for e in data[kind]:
+            point = (e.get("model"), e.get("length"), e.get("context"), str(e.get("contexts")))
+            groups.setdefault(point, []).append(e)
+        data["rounds"][kind], merged = data[kind], []
+        for entries in groups.values():
+            ok = sorted((e for e in entries if e.get("status") == "ok"), key=lambda e: e[field])
+            if not ok:
+                merged.append(entries[0])
+                continue
+            chosen = dict(ok[(len(ok) - 1) // 2])
+            chosen.update(rounds_ok=len(ok), rounds_total=len(entries),
+                          rounds_values={field: [e[field] for e in sorted(ok, key=lambda e: e["round"])]})  # fmt: skip
+            merged.append(chosen)
+        data[kind] = merged
+
+
 def _get(entries, model, key, value, field="tokens_per_s"):
     for e in entries:
         if e.get("model") == model and e.get(key) == value and e.get("status") == "ok":
@@ -847,7 +873,8 @@ def format_tables(data) -> str:
     plan = data["plan"]
     gpu = plan["device"].startswith("cuda")
     mem = "peak GPU allocated GiB" if gpu else "peak RSS GiB"
-    lines.append(f"\nTraining (batch {plan['batch']}, {plan.get('dtype', 'float32')}): tokens/s | {mem}   [median of timed steps]")
+    rounds = f", the round with the median of {plan['rounds']}" if plan.get("rounds", 1) > 1 else ""
+    lines.append(f"\nTraining (batch {plan['batch']}, {plan.get('dtype', 'float32')}): tokens/s | {mem}   [median of timed steps{rounds}]")
     head = f"{'model':<15}{'params':>10}" + "".join(f"{L:>20}" for L in plan["lengths"])
     lines.append(head)
     for m in plan["models"]:
@@ -865,6 +892,7 @@ def format_tables(data) -> str:
         lines.append(f"{m:<15}{(p or 0) / 1e6:>9.2f}M" + "".join(f"{c:>20}" for c in cells))
     if plan["decode_contexts"]:
         mode = ", torch.inference_mode" if plan.get("inference_mode") else ""
+        mode += rounds
         lines.append(f"\nDecode (batch 1, greedy, cached, {plan['decode_steps']} steps{mode}): tokens/s | prefill s")
         lines.append(f"{'model':<15}" + "".join(f"{'ctx ' + str(C):>22}" for C in plan["decode_contexts"]))
         for m in plan["models"]:
@@ -990,6 +1018,10 @@ def parse_args(argv=None):
     p.add_argument("--no-decode-interleaved", action="store_true",
                    help="skip the extra per-model process that alternates the shortest and longest decode context")
     p.add_argument("--no-tp-sample-check", action="store_true", help="skip timing titans-pytorch's own sample()")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure the whole plan this many times, the model order reversed every other round, and "
+                        "report per point the round with the median figure (this machine's speed drifts by tens of "
+                        "percent between minutes; every round's figures stay in the JSON)")
     p.add_argument("--inference-mode", action="store_true",
                    help="decode under torch.inference_mode() instead of torch.no_grad() (every model, titans-pytorch "
                         "included)")
@@ -1110,7 +1142,7 @@ def main(argv=None) -> int:
                      capped_steps=args.capped_steps, isolation=isolation, device=args.device, quick=q, dims=dims,
                      tp_max_train_len=args.tp_max_train_len, timeout_s=args.timeout, max_rss_gib=args.max_rss_gib,
                      max_position_embeddings=max_len, dtype=args.dtype,
-                     titans_attn=args.titans_attn, inference_mode=args.inference_mode,
+                     titans_attn=args.titans_attn, inference_mode=args.inference_mode, rounds=args.rounds,
                      memory_kernel=os.environ.get("TITANS_MEMORY_KERNEL", "torch")),  # fmt: skip
         "method": {
             "train": "tokens/s = batch*length / median(step), step = forward (loss on all positions) + backward, "
@@ -1175,11 +1207,16 @@ def main(argv=None) -> int:
     log(f"benchmark: models={models} lengths={lengths} batch={args.batch} decode contexts={contexts} "
         f"device={args.device} threads={args.threads} isolation={isolation}")  # fmt: skip
     t_start = time.time()
-    for m in models:
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: expected a positive number of rounds")
+    order = [(r, m) for r in range(args.rounds) for m in (models if r % 2 == 0 else models[::-1])]
+    for i, (round_index, m) in enumerate(order):
+        if args.rounds > 1 and (i == 0 or order[i - 1][0] != round_index):
+            log(f"round {round_index + 1} of {args.rounds}")
         tasks = []
         for L in lengths:
             if m == "titans-pytorch" and L > args.tp_max_train_len:
-                data["train"].append(dict(kind="train", model=m, length=L, batch=args.batch, status="skipped",
+                data["train"].append(dict(kind="train", model=m, length=L, batch=args.batch, status="skipped", round=round_index,
                                           note=f"titans-pytorch is skipped above {args.tp_max_train_len} tokens "
                                                "(anchor doc: peak RSS 18 GiB at 4x4096)"))  # fmt: skip
                 continue
@@ -1193,6 +1230,8 @@ def main(argv=None) -> int:
             what = ", ".join(f"{t['kind']}@{t.get('length', t.get('context', t.get('contexts')))}" for t in group)
             log(f"- {m}: {what}")
             payload, record = run_child(args, m, group, dims, max_len, log)
+            for res in payload["results"]:
+                res["round"] = round_index
             absorb(payload, record)
             for res in payload["results"]:
                 if res.get("status") == "ok" and res["kind"] == "train":
@@ -1227,6 +1266,8 @@ def main(argv=None) -> int:
             log(f"profile {spec_text} (batch {prof.get('batch')}): wall {prof['profiled_wall_s']:.2f} s\n{prof['table']}")
     data["total_wall_s"] = time.time() - t_start
     data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if args.rounds > 1:
+        median_rounds(data)
     data["summary"] = summarize(data)
     save()
     if plot_path:

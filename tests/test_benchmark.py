@@ -123,3 +123,19 @@ def test_benchmark_decode_under_inference_mode(tmp_path):
     assert all(e["inference_mode"] for e in data["decode"]) and not any(e["inference_mode"] for e in base["decode"])
     tokens = lambda d: {e["model"]: e["tokens_head"] for e in d["decode"]}  # noqa: E731
     assert tokens(data) == tokens(base)
+
+
+@pytest.mark.slow
+def test_benchmark_rounds_report_the_median_round(tmp_path):
+    """--rounds 3: each point is measured three times (model order reversed in the second round); the JSON keeps all
+    six decode entries and reports, per point, the round with the median tokens/s."""
+    data, stdout, _ = run_quick(tmp_path, "--models", "mag,swa", "--no-train", "--decode-contexts", "16",
+                                "--no-decode-interleaved", "--rounds", "3", "--plot", "none")  # fmt: skip
+    assert data["plan"]["rounds"] == 3 and "the round with the median of 3" in stdout
+    check_entries(data, ["mag", "swa"], [], [16])
+    raw = data["rounds"]["decode"]
+    assert sorted(e["round"] for e in raw) == [0, 0, 1, 1, 2, 2]
+    assert [e["model"] for e in raw] == ["mag", "swa", "swa", "mag", "mag", "swa"]  # measured in this order
+    for e in data["decode"]:
+        values = sorted(r["tokens_per_s"] for r in raw if r["model"] == e["model"])
+        assert e["tokens_per_s"] == values[1] and sorted(e["rounds_values"]["tokens_per_s"]) == values
