@@ -1846,11 +1846,11 @@ class TitansAttention(nn.Module):
             and not torch.compiler.is_compiling()
             and bool((kv_pos >= 0).all())
         )
-        if self.segment and one_token:  # MAC: the same phase in every row, so the same number of visible keys
+        seen = None  # MAC, every row at the same phase: the segment's keys so far, the same number in every row
+        if self.segment and one_token:
             phase = positions[:, 0] % self.window
-            one_token = bool((phase == phase[0]).all())
-        if self.segment and one_token:  # MAC: the segment's keys so far, and its retrieved tokens within the lookback
-            seen = int(phase[0]) + 1
+            seen = int(phase[0]) + 1 if bool((phase == phase[0]).all()) else None
+        if seen is not None:  # MAC: the segment's keys so far, and its retrieved tokens within the lookback
             lookback = min(seen, self.config.num_memory_tokens or seen)
             mask = None
             all_key = torch.cat([ctx_key[:, :, -lookback:], key[:, :, -seen:]], dim=2)

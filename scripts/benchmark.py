@@ -874,7 +874,8 @@ def format_tables(data) -> str:
     gpu = plan["device"].startswith("cuda")
     mem = "peak GPU allocated GiB" if gpu else "peak RSS GiB"
     rounds = f", the round with the median of {plan['rounds']}" if plan.get("rounds", 1) > 1 else ""
-    lines.append(f"\nTraining (batch {plan['batch']}, {plan.get('dtype', 'float32')}): tokens/s | {mem}   [median of timed steps{rounds}]")
+    lines.append(f"\nTraining (batch {plan['batch']}, {plan.get('dtype', 'float32')}): tokens/s | {mem}   "
+                 f"[median of timed steps{rounds}]")
     head = f"{'model':<15}{'params':>10}" + "".join(f"{L:>20}" for L in plan["lengths"])
     lines.append(head)
     for m in plan["models"]:
@@ -1216,7 +1217,8 @@ def main(argv=None) -> int:
         tasks = []
         for L in lengths:
             if m == "titans-pytorch" and L > args.tp_max_train_len:
-                data["train"].append(dict(kind="train", model=m, length=L, batch=args.batch, status="skipped", round=round_index,
+                data["train"].append(dict(kind="train", model=m, length=L, batch=args.batch, status="skipped",
+                                          round=round_index,
                                           note=f"titans-pytorch is skipped above {args.tp_max_train_len} tokens "
                                                "(anchor doc: peak RSS 18 GiB at 4x4096)"))  # fmt: skip
                 continue

@@ -73,7 +73,8 @@ def test_inductor_training_step_matches_eager():
 @pytest.mark.parametrize("variant", ["mag", "mac"])
 def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
     """TITANS_MEMORY_KERNEL=compile (each chunk's forward and hand-written backward through inductor, and the memory's
-    elementwise functions) against the eager scan: a training step on a left-padded batch (rows closing different numbers of chunks) and greedy generation.
+    elementwise functions) against the eager scan: a training step on a left-padded batch (rows closing different
+    numbers of chunks) and greedy generation.
     Stated tolerances: logits 1e-5, gradients 1e-5 + 0.1 % (fp32 sums reassociated by the generated kernels)."""
     import modeling_titans
 
@@ -99,7 +100,8 @@ def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
     compiled, compiled_function = modeling_titans._compiled_chunk_functions(), modeling_titans._compiled_function
     monkeypatch.setattr(modeling_titans, "_compiled_chunk_functions",
                         lambda: calls.append(1) or compiled)  # fmt: skip
-    monkeypatch.setattr(modeling_titans, "_compiled_function", lambda fn: used.add(fn.__name__) or compiled_function(fn))
+    monkeypatch.setattr(modeling_titans, "_compiled_function",
+                        lambda fn: used.add(fn.__name__) or compiled_function(fn))  # fmt: skip
     model.train()
     logits, grads = step()
     assert calls, "the compiled chunk functions were not used"
