@@ -216,6 +216,8 @@ def test_cache_from_another_config_or_batch_is_rejected(tmp_path):
         model(_prompt(3), past_key_values=cache)
     cache = TitansCache(model.config)
     model(_prompt(3), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="num_hidden_layers"):  # checked once by `model`, still refused by `other`
+        other(_prompt(1), past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="batch size"):
         model(torch.cat([_prompt(1), _prompt(1)]), past_key_values=cache, use_cache=True)
     cache.save_snapshot(str(tmp_path / "m.safetensors"))
@@ -224,6 +226,27 @@ def test_cache_from_another_config_or_batch_is_rejected(tmp_path):
     wide = tiny_model("mag", memory_head_dim=16)
     with pytest.raises(ValueError, match="memory_head_dim"):
         TitansCache.from_snapshot(str(tmp_path / "m.safetensors"), wide.config)
+
+
+@pytest.mark.parametrize("variant", ["mag", "mac"])
+def test_persistent_kv_are_kept_in_inference_only(variant):
+    model = tiny_model(variant)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        out = model(_prompt(5), use_cache=True)
+        p = attn.persistent_tokens
+        expected = tuple(proj(p).view(p.shape[0], -1, attn.head_dim).transpose(0, 1)[None] for proj in (attn.k_proj, attn.v_proj))
+    cache = out.past_key_values
+    kept = cache.layers[0].persistent_kv
+    assert kept is not None and all(torch.equal(a, b) for a, b in zip(kept, expected))
+    # continued under autograd, the persistent tokens get their gradient through fresh K/V, and nothing is kept
+    model.zero_grad()
+    model(_prompt(3, seed=1), past_key_values=cache, use_cache=True).logits.sum().backward()
+    assert attn.persistent_tokens.grad is not None and attn.persistent_tokens.grad.abs().sum() > 0
+    fresh = model(_prompt(3), use_cache=True).past_key_values
+    assert all(layer.persistent_kv is None for layer in fresh.layers)
+    cache.reset()
+    assert all(layer.persistent_kv is None for layer in cache.layers)
 
 
 def test_cache_is_not_croppable():
