@@ -1569,8 +1569,8 @@ class TitansNeuralMemory(nn.Module):
         new_s, new_w = [], []
         with _autocast_off():
             for layer, init in enumerate(self._initial_weights()):
-                # η_t S - θ_t u_t with u_t = δ_t a_tᵀ, the outer product accumulated by one batched baddbmm, in place
-                # on the fresh η_t S (out of place, baddbmm copies its input: one more pass over S)
+                # η_t S - θ_t u_t with u_t = δ_t a_tᵀ: the outer product accumulated by one batched baddbmm, in
+                # place on the fresh η_t S (out of place, baddbmm copies its input: one more pass over S)
                 pairs = ((deltas[layer] * lr).flatten(0, 1).transpose(1, 2), inputs[layer].flatten(0, 1))
                 s = (eta * current_s[layer]).flatten(0, 1).baddbmm_(*pairs, alpha=-1).view_as(current_s[layer])
                 new_s.append(s)
@@ -1806,13 +1806,16 @@ class TitansAttention(nn.Module):
     def _persistent_kv(self, dtype: torch.dtype, layer_cache: "TitansLayerCache | None"):
         """K/V of the persistent tokens, (1, H, N_p, d) each. They depend on the weights only, so in inference the
         cache keeps them like the K/V of a prefix: two projections fewer per decoding step. Recomputed where the cache
-        has none (new cache, snapshot, `reset`) or holds another dtype or device; never kept under autograd or tracing."""
+        has none (new cache, snapshot, `reset`) or holds another dtype or device; never kept under autograd or
+        tracing."""
         keep = layer_cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         kept = layer_cache.persistent_kv if keep else None
         if kept is not None and kept[0].dtype == dtype and kept[0].device == self.persistent_tokens.device:
             return kept
         p = self.persistent_tokens.to(dtype)
-        kv = tuple(proj(p).view(p.shape[0], -1, self.head_dim).transpose(0, 1)[None] for proj in (self.k_proj, self.v_proj))
+        kv = tuple(
+            proj(p).view(p.shape[0], -1, self.head_dim).transpose(0, 1)[None] for proj in (self.k_proj, self.v_proj)
+        )
         if keep:
             layer_cache.persistent_kv = kv
         return kv
@@ -1898,7 +1901,8 @@ class TitansAttention(nn.Module):
                 layer_cache.context_keys, layer_cache.context_values = ctx_key[:, :, start:], ctx_value[:, :, start:]
 
         if self.persistent_tokens is not None:  # position-free: no RoPE on persistent keys (model card D8)
-            p_key, p_value = (t.expand(all_key.shape[0], -1, -1, -1) for t in self._persistent_kv(query.dtype, layer_cache))
+            rows = all_key.shape[0]
+            p_key, p_value = (t.expand(rows, -1, -1, -1) for t in self._persistent_kv(query.dtype, layer_cache))
             all_key = torch.cat([p_key, all_key], dim=2)
             all_value = torch.cat([p_value, all_value], dim=2)
 

@@ -235,7 +235,8 @@ def test_persistent_kv_are_kept_in_inference_only(variant):
     with torch.no_grad():
         out = model(_prompt(5), use_cache=True)
         p = attn.persistent_tokens
-        expected = tuple(proj(p).view(p.shape[0], -1, attn.head_dim).transpose(0, 1)[None] for proj in (attn.k_proj, attn.v_proj))
+        projections = (attn.k_proj, attn.v_proj)
+        expected = [proj(p).view(len(p), -1, attn.head_dim).transpose(0, 1)[None] for proj in projections]
     cache = out.past_key_values
     kept = cache.layers[0].persistent_kv
     assert kept is not None and all(torch.equal(a, b) for a, b in zip(kept, expected))

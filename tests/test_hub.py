@@ -298,6 +298,22 @@ def test_dry_run_round_trips_with_identical_logits(dry_run, saved, tokenizer):
         assert_reloaded_logits(loaded(ids).logits, model(ids).logits)
 
 
+def test_verify_refuses_a_staged_model_with_other_weights(dry_run, saved, tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, model = saved
+    staged = tmp_path / "staged"
+    shutil.copytree(dry_run, staged)
+    weights = load_file(staged / "model.safetensors")
+    name = next(n for n in weights if n.endswith("mlp.down_proj.weight"))
+    weights[name] = weights[name] * 1.01  # a 1 % change of one matrix: far above float noise
+    save_file(weights, staged / "model.safetensors", metadata={"format": "pt"})
+    verify = load_script().verify
+    verify(model, tokenizer, dry_run)  # the untouched folder passes
+    with pytest.raises(RuntimeError, match="different logits"):
+        verify(model, tokenizer, staged)
+
+
 def test_tokenizer_from_dry_run_folder(dry_run, tokenizer):
     loaded = AutoTokenizer.from_pretrained(dry_run, trust_remote_code=True)
     assert len(loaded) == len(tokenizer)
