@@ -2350,18 +2350,21 @@ class TitansModel(TitansPreTrainedModel):
 
     def _check_cache(self, cache, batch_size: int):
         if cache is None or isinstance(cache, TitansCache):
-            if cache is not None and (cache.checked_config is None or cache.checked_config() is not self.config):
-                expected = cache_signature(self.config)
-                if cache.signature != expected:
-                    diff = {k: (v, expected.get(k)) for k, v in cache.signature.items() if expected.get(k) != v}
-                    raise ValueError(f"This TitansCache was built for another config; mismatched (cache, model): {diff}")
-                cache.checked_config = weakref.ref(self.config)
-            if cache is not None and cache.real_tokens is not None and cache.real_tokens.shape[0] != batch_size:
-                raise ValueError(
-                    f"The TitansCache holds {cache.real_tokens.shape[0]} sequences but the input has batch size "
-                    f"{batch_size}; select or repeat the cache rows first (batch_select_indices / "
-                    "batch_repeat_interleave)."
-                )
+            if cache is not None:
+                if cache.checked_config is None or cache.checked_config() is not self.config:
+                    expected = cache_signature(self.config)
+                    if cache.signature != expected:
+                        diff = {k: (v, expected.get(k)) for k, v in cache.signature.items() if expected.get(k) != v}
+                        raise ValueError(
+                            f"This TitansCache was built for another config; mismatched (cache, model): {diff}"
+                        )
+                    cache.checked_config = weakref.ref(self.config)
+                if cache.real_tokens is not None and cache.real_tokens.shape[0] != batch_size:
+                    raise ValueError(
+                        f"The TitansCache holds {cache.real_tokens.shape[0]} sequences but the input has batch size "
+                        f"{batch_size}; select or repeat the cache rows first (batch_select_indices / "
+                        "batch_repeat_interleave)."
+                    )
             return cache
         if isinstance(cache, Cache) and cache.get_seq_length() == 0:
             return TitansCache(self.config)  # an empty foreign cache carries nothing: replace it
