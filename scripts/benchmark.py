@@ -1055,6 +1055,8 @@ def parse_args(argv=None):
     for key, value in FULL_DIMS.items():
         dims.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=None, help=f"default {value}")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: expected a positive number of rounds")
     return args
 
 
@@ -1208,8 +1210,6 @@ def main(argv=None) -> int:
     log(f"benchmark: models={models} lengths={lengths} batch={args.batch} decode contexts={contexts} "
         f"device={args.device} threads={args.threads} isolation={isolation}")  # fmt: skip
     t_start = time.time()
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds {args.rounds}: expected a positive number of rounds")
     order = [(r, m) for r in range(args.rounds) for m in (models if r % 2 == 0 else models[::-1])]
     for i, (round_index, m) in enumerate(order):
         if args.rounds > 1 and (i == 0 or order[i - 1][0] != round_index):
