@@ -1290,19 +1290,21 @@ def _split_heads(x: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.T
     return x.view(*x.shape[:2], num_heads, -1).transpose(1, 2).to(dtype)
 
 
-def memory_qkv_activations(padded, conv_weight, num_heads, dtype, value_norm):
+def memory_qkv_activations(padded, conv_taps, num_heads, dtype, value_norm):
     """q, k, v = SiLU(ShortConv(x W)), q/k (and v, D5) ℓ2-normalised per head (§4.4): (B, H, T, d) each, from the
-    projections x W (B, T, 3·H·d) preceded by the K-1 projections before them (the conv state)."""
-    if conv_weight is None:
+    projections x W (B, T, 3·H·d) preceded by the K-1 projections before them (the conv state). `conv_taps` is the
+    conv weight transposed, (K, 3·H·d): contiguous, tap j is a unit-stride row that inductor loads as vectors (a
+    strided (C, K) load left the compiled conv and SiLU scalar, 3.5x slower forward)."""
+    if conv_taps is None:
         out = padded
-    elif padded.shape[1] == conv_weight.shape[1]:  # one token (decoding): one product and sum per channel
-        out = (padded * conv_weight.T).sum(1, keepdim=True)
+    elif padded.shape[1] == conv_taps.shape[0]:  # one token (decoding): one product and sum per channel
+        out = (padded * conv_taps).sum(1, keepdim=True)
     elif torch.compiler.is_compiling():  # the same K shifted multiply-adds, differentiated by the compiler
-        steps = padded.shape[1] - conv_weight.shape[1] + 1
-        taps = conv_weight.t().to(torch.promote_types(padded.dtype, torch.float32))
+        steps = padded.shape[1] - conv_taps.shape[0] + 1
+        taps = conv_taps.to(torch.promote_types(padded.dtype, torch.float32))
         out = sum(padded[:, j : j + steps] * taps[j] for j in range(taps.shape[0])).to(padded.dtype)
     else:
-        out = _CausalDepthwiseConv.apply(padded, conv_weight)
+        out = _CausalDepthwiseConv.apply(padded, conv_taps.t())
     heads = F.silu(out).view(*out.shape[:2], 3 * num_heads, -1).to(dtype)  # (B, T, 3H, d): q, k, v heads in turn
     if value_norm:  # bounded regression targets keep long streams finite (model card D5); one norm for all three
         return F.normalize(heads, dim=-1).transpose(1, 2).chunk(3, dim=1)
@@ -1512,7 +1514,9 @@ class TitansNeuralMemory(nn.Module):
         else:
             if conv_state is None:
                 conv_state = projected.new_zeros(projected.shape[0], self.conv_size - 1, projected.shape[-1])
-            padded, weight = torch.cat([conv_state.to(projected.dtype), projected], dim=1), self.conv_weight
+            padded, weight = torch.cat([conv_state.to(projected.dtype), projected], dim=1), self.conv_weight.t()
+            if projected.shape[1] > 1:  # the taps as a (K, C) copy (`memory_qkv_activations`); a decoding step
+                weight = weight.contiguous()  # multiplies them once, as the strided view
         q, k, v = _maybe_compiled(memory_qkv_activations)(
             projected if padded is None else padded, None if weight is None else weight.to(projected.dtype),
             self.num_heads, self.state_dtype, self.config.memory_value_norm,

@@ -115,6 +115,34 @@ def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
         assert model.eval().generate(ids[:1, :20], max_new_tokens=12, do_sample=False).tolist() == eager_tokens.tolist()
 
 
+def test_compiled_conv_gets_its_taps_with_unit_stride(monkeypatch):
+    """Under TITANS_MEMORY_KERNEL=compile the q/k/v function gets the ShortConv taps as a contiguous (K, C) copy of
+    the (C, K) parameter: from the strided view inductor generated a scalar loop for the conv and its SiLU (forward
+    3.5x slower at the anchor size). Checked on the arguments (no inductor here); a decoding step keeps the view."""
+    import modeling_titans
+
+    seen = []
+
+    def compiled_function(fn):
+        if fn is modeling_titans.memory_qkv_activations:
+            return lambda padded, taps, *args: seen.append(taps) or fn(padded, taps, *args)
+        return fn
+
+    monkeypatch.setenv("TITANS_MEMORY_KERNEL", "compile")
+    monkeypatch.setattr(modeling_titans, "_compiled_function", compiled_function)
+    eager_chunks = (modeling_titans.memory_chunk_update, modeling_titans.memory_chunk_update_backward)
+    monkeypatch.setattr(modeling_titans, "_compiled_chunk_functions", lambda: eager_chunks)
+    model = tiny_model("mag").train()
+    ids = torch.randint(2, 64, (2, 20))
+    model(ids, labels=ids).loss.backward()
+    conv = [layer.memory.conv_weight for layer in model.model.layers if hasattr(layer, "memory")]
+    assert len(seen) == len(conv) > 0
+    for taps, weight in zip(seen, conv):
+        assert taps.shape == weight.shape[::-1] and taps.is_contiguous()
+        assert torch.equal(taps, weight.t())
+    assert all(weight.grad is not None and weight.grad.abs().sum() > 0 for weight in conv)
+
+
 def check_compiled_decode_step_matches_eager(variant, monkeypatch, device="cpu"):
     """TITANS_MEMORY_KERNEL=compile runs a decoding step in one of two compiled forms: while the attention cache is
     still filling, each layer's one-token memory step (`_decode_update`) is one inductor graph; once every cache is
