@@ -1484,11 +1484,14 @@ class TitansNeuralMemory(nn.Module):
 
     def retrieve(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """MAC's h_t = M*_{t-1}(q_t) (Eq. 21): read a given memory state with the queries of x, no update."""
+        return self.read(self.q_proj(x), self.g_proj(x), weights)
+
+    def read(self, q: torch.Tensor, g: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`retrieve` from the query and gate projections of x (MAC projects all its segments at once)."""
         norm = self.output_norm
         read = _maybe_compiled(memory_read)(
-            self.q_proj(x), self.g_proj(x), weights, norm.weight, norm.variance_epsilon, self.activation,
-            self.num_heads, self.state_dtype,
-        )  # fmt: skip
+            q, g, weights, norm.weight, norm.variance_epsilon, self.activation, self.num_heads, self.state_dtype
+        )
         return self.o_proj(read)
 
     def _qkv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
@@ -2245,14 +2248,17 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         sizes = [end - start for start, end in zip([0, *cuts[:-1]], cuts)]
         split = lambda t: t.split(sizes, dim=1)  # noqa: E731
         valids = split(valid) if valid is not None else [None] * len(sizes)
-        pieces = zip(split(x), *map(split, position_embeddings), split(positions), split(closes), valids)
+        # the read-out's query and gate projections depend on x alone: one product each for all segments, not two
+        # small ones per segment (and two more in the backward's recompute)
+        queries, gates = split(self.memory.q_proj(x)), split(self.memory.g_proj(x))
+        pieces = zip(split(x), *map(split, position_embeddings), split(positions), split(closes), valids, queries, gates)
         outputs = []
         trim = _heap_trimmer(x)
-        for i, (xs, cos, sin, pos, close, valid_s) in enumerate(pieces):
+        for i, (xs, cos, sin, pos, close, valid_s, q, g) in enumerate(pieces):
             if torch.is_grad_enabled():  # the read-out is cheap to redo in the backward and large to keep per segment
-                context = checkpoint(self.memory.retrieve, xs, segment_weights, use_reentrant=False)
+                context = checkpoint(self.memory.read, q, g, segment_weights, use_reentrant=False)
             else:
-                context = self.memory.retrieve(xs, segment_weights)
+                context = self.memory.read(q, g, segment_weights)
             y, _ = self.self_attn(xs, (cos, sin), pos, scratch, context=context)
             memory_out, state = self.memory(y, valid_s, state, return_state=True)
             outputs.append(self._gate(y, memory_out))
