@@ -2251,7 +2251,9 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         # the read-out's query and gate projections depend on x alone: one product each for all segments, not two
         # small ones per segment (and two more in the backward's recompute)
         queries, gates = split(self.memory.q_proj(x)), split(self.memory.g_proj(x))
-        pieces = zip(split(x), *map(split, position_embeddings), split(positions), split(closes), valids, queries, gates)
+        pieces = zip(
+            split(x), *map(split, position_embeddings), split(positions), split(closes), valids, queries, gates
+        )
         outputs = []
         trim = _heap_trimmer(x)
         for i, (xs, cos, sin, pos, close, valid_s, q, g) in enumerate(pieces):
