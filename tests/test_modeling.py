@@ -163,10 +163,12 @@ def test_mac_needs_chunk_dividing_segment_and_lmm_needs_memory():
         TitansConfig(variant="lmm", memory_layers=[])
 
 
-def test_mac_reads_each_segment_with_the_memory_before_it(monkeypatch):
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_mac_reads_each_segment_with_the_memory_before_it(monkeypatch, grad):
     """Eq. 21-24: segment s attends to h = M*_{s-1}(q(x_s)), the memory after the attention outputs y of segments < s
     (the initial memory at the first), read with the queries of the segment's own input; y_s is then written into it.
-    Rebuilt here from the attention's inputs and outputs, segment by segment, with the memory module alone."""
+    Rebuilt here from the attention's inputs and outputs, segment by segment, with the memory module alone (under
+    autograd the read-out runs inside a checkpoint)."""
     model = tiny_model("mac", scale=0.1)
     layer = next(layer for layer in model.model.layers if layer.mode == "mac")
     seen, attend = [], layer.self_attn.forward
@@ -178,9 +180,11 @@ def test_mac_reads_each_segment_with_the_memory_before_it(monkeypatch):
 
     monkeypatch.setattr(layer.self_attn, "forward", spy)
     window = model.config.attention_window
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         model(torch.randint(2, 64, (2, 3 * window), generator=torch.Generator().manual_seed(3)))
+    with torch.no_grad():
         assert [x.shape[1] for x, _, _ in seen] == [window] * 3
+        assert all(context.requires_grad == grad for _, context, _ in seen)
         state = layer.memory.initial_state(2, torch.device("cpu"), torch.float32)
         for x, context, y in seen:
             torch.testing.assert_close(context, layer.memory.retrieve(x, state.weights), atol=1e-6, rtol=0)
