@@ -1249,36 +1249,36 @@ def _triton_scan_backward(boundaries, initial, sequence, grad_out, grad_w, grad_
 
 
 class _CausalDepthwiseConv(torch.autograd.Function):
-    """The ShortConv of §4.4 as K shifted multiply-adds in the (B, T, C) layout: out[:, t] = Σ_j w[:, j] ⊙ x[:, t + j]
-    over the input padded with the K-1 positions before it. F.conv1d wants channels first, and its transposed copies
-    and a SiLU (and its backward) over a strided output made a MAG training step 5 % slower on CPU (A/B at 4 × 1,024).
-    Sums run in fp32 for half-precision inputs."""
+    """The ShortConv of §4.4 as K shifted multiply-adds in the (B, T, C) layout: out[:, t] = Σ_j w[j] ⊙ x[:, t + j]
+    over the input padded with the K-1 positions before it, the taps w as (K, C) (`memory_qkv_activations`).
+    F.conv1d wants channels first, and its transposed copies and a SiLU (and its backward) over a strided output made
+    a MAG training step 5 % slower on CPU (A/B at 4 × 1,024). Sums run in fp32 for half-precision inputs."""
 
     @staticmethod
-    def forward(ctx, padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # (B, T+K-1, C), (C, K)
-        steps = padded.shape[1] - weight.shape[1] + 1
-        taps = weight.t().to(torch.promote_types(padded.dtype, torch.float32))
+    def forward(ctx, padded: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:  # (B, T+K-1, C), (K, C)
+        steps = padded.shape[1] - taps.shape[0] + 1
+        ctx.taps_dtype = taps.dtype
+        taps = taps.to(torch.promote_types(padded.dtype, torch.float32))
         out = padded[:, :steps] * taps[0]
         for j in range(1, taps.shape[0]):
             out.addcmul_(padded[:, j : j + steps], taps[j])
         ctx.save_for_backward(padded, taps)
-        ctx.weight_dtype = weight.dtype
         return out.to(padded.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         padded, taps = ctx.saved_tensors
         steps, grad = grad.shape[1], grad.to(taps.dtype)
-        grad_padded = grad_weight = None
+        grad_padded = grad_taps = None
         if ctx.needs_input_grad[0]:
             grad_padded = torch.zeros(padded.shape, dtype=taps.dtype, device=padded.device)
             for j in range(taps.shape[0]):
                 grad_padded[:, j : j + steps].addcmul_(grad, taps[j])
             grad_padded = grad_padded.to(padded.dtype)
         if ctx.needs_input_grad[1]:
-            columns = [(grad * padded[:, j : j + steps]).sum((0, 1)) for j in range(taps.shape[0])]
-            grad_weight = torch.stack(columns, dim=1).to(ctx.weight_dtype)
-        return grad_padded, grad_weight
+            rows = [(grad * padded[:, j : j + steps]).sum((0, 1)) for j in range(taps.shape[0])]
+            grad_taps = torch.stack(rows).to(ctx.taps_dtype)
+        return grad_padded, grad_taps
 
 
 # The memory's elementwise work, as functions of tensors (parameters passed in), so that under
@@ -1304,7 +1304,7 @@ def memory_qkv_activations(padded, conv_taps, num_heads, dtype, value_norm):
         taps = conv_taps.to(torch.promote_types(padded.dtype, torch.float32))
         out = sum(padded[:, j : j + steps] * taps[j] for j in range(taps.shape[0])).to(padded.dtype)
     else:
-        out = _CausalDepthwiseConv.apply(padded, conv_taps.t())
+        out = _CausalDepthwiseConv.apply(padded, conv_taps)
     heads = F.silu(out).view(*out.shape[:2], 3 * num_heads, -1).to(dtype)  # (B, T, 3H, d): q, k, v heads in turn
     if value_norm:  # bounded regression targets keep long streams finite (model card D5); one norm for all three
         return F.normalize(heads, dim=-1).transpose(1, 2).chunk(3, dim=1)

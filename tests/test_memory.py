@@ -266,8 +266,8 @@ def test_short_conv_equals_conv1d(kernel):
 
     gen = torch.Generator().manual_seed(0)
     padded = torch.randn(2, 9 + kernel - 1, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(6, kernel, generator=gen, dtype=torch.float64, requires_grad=True)
-    expected = F.conv1d(padded.transpose(1, 2), weight.unsqueeze(1), groups=6).transpose(1, 2)
+    weight = torch.randn(kernel, 6, generator=gen, dtype=torch.float64, requires_grad=True)  # taps (K, C)
+    expected = F.conv1d(padded.transpose(1, 2), weight.t().unsqueeze(1), groups=6).transpose(1, 2)
     out = _CausalDepthwiseConv.apply(padded, weight)
     assert out.is_contiguous() and torch.allclose(out, expected, atol=1e-12, rtol=0)
     assert torch.autograd.gradcheck(_CausalDepthwiseConv.apply, (padded, weight))
@@ -276,8 +276,8 @@ def test_short_conv_equals_conv1d(kernel):
     assert torch.autograd.gradcheck(_CausalDepthwiseConv.apply, (padded.detach(), weight.detach().requires_grad_()))
     half = _CausalDepthwiseConv.apply(padded.detach().bfloat16(), weight.detach().bfloat16())
     assert half.dtype == torch.bfloat16
-    exact = F.conv1d(padded.detach().bfloat16().double().transpose(1, 2), weight.detach().bfloat16().double().unsqueeze(1),
-                     groups=6).transpose(1, 2)  # fmt: skip
+    exact = F.conv1d(padded.detach().bfloat16().double().transpose(1, 2),
+                     weight.detach().bfloat16().double().t().unsqueeze(1), groups=6).transpose(1, 2)  # fmt: skip
     assert torch.allclose(half.double(), exact, rtol=8e-3, atol=1e-2)  # one bf16 rounding of an fp32 sum
 
 
