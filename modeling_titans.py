@@ -1482,12 +1482,9 @@ class TitansNeuralMemory(nn.Module):
             conv=torch.zeros(batch_size, max(self.conv_size - 1, 0), 3 * inner, device=device, dtype=dtype),
         )
 
-    def retrieve(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """MAC's h_t = M*_{t-1}(q_t) (Eq. 21): read a given memory state with the queries of x, no update."""
-        return self.read(self.q_proj(x), self.g_proj(x), weights)
-
     def read(self, q: torch.Tensor, g: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """`retrieve` from the query and gate projections of x (MAC projects all its segments at once)."""
+        """MAC's h_t = M*_{t-1}(q_t) (Eq. 21): read a given memory state, no update, from the query and gate
+        projections of x (`q_proj(x)`, `g_proj(x)`: MAC projects all its segments at once)."""
         norm = self.output_norm
         read = _maybe_compiled(memory_read)(
             q, g, weights, norm.weight, norm.variance_epsilon, self.activation, self.num_heads, self.state_dtype

@@ -187,7 +187,8 @@ def test_mac_reads_each_segment_with_the_memory_before_it(monkeypatch, grad):
         assert all(context.requires_grad == grad for _, context, _ in seen)
         state = layer.memory.initial_state(2, torch.device("cpu"), torch.float32)
         for x, context, y in seen:
-            torch.testing.assert_close(context, layer.memory.retrieve(x, state.weights), atol=1e-6, rtol=0)
+            expected = layer.memory.read(layer.memory.q_proj(x), layer.memory.g_proj(x), state.weights)
+            torch.testing.assert_close(context, expected, atol=1e-6, rtol=0)
             _, state = layer.memory(y, None, state, return_state=True)
 
 
