@@ -107,6 +107,35 @@ def test_memory_module_streaming_equals_one_call(depth):
         torch.testing.assert_close(torch.cat(outs, 1), full.to(torch.float64), atol=1e-6, rtol=0)
 
 
+def test_gradients_through_a_carried_state_equal_one_call():
+    """MAC writes its memory segment by segment, carrying the state between calls: the outer gradients must flow
+    through that state exactly as through one call (a loss on the last tokens only, so that the early tokens' and the
+    parameters' gradients all pass through the carried weights, momentum, buffers and conv state)."""
+    torch.manual_seed(0)
+    config = tiny_config("lmm", memory_depth=2, hidden_size=16, memory_chunk_size=4)
+    memory = randomize(TitansNeuralMemory(config, 0).double())
+    x0, w = torch.randn(2, 2, 32, 16, dtype=torch.float64).unbind(0)
+
+    def grads(pieces):
+        memory.zero_grad()
+        x, state, outs, start = x0.clone().requires_grad_(), None, [], 0
+        for n in pieces or ():
+            out, state = memory(x[:, start : start + n], state=state, return_state=True)
+            outs.append(out)
+            start += n
+        out = memory(x)[0] if pieces is None else torch.cat(outs, 1)  # None: one stateless call
+        (out[:, -8:] * w[:, -8:]).sum().backward()
+        return x.grad, {n: p.grad.clone() for n, p in memory.named_parameters()}
+
+    ref_x, ref_p = grads(None)
+    assert ref_x[:, :16].abs().max() > 1e-4  # the early tokens do reach the loss
+    for pieces in ([32], [16, 16], [8, 8, 8, 8], [5, 11, 3, 13]):
+        got_x, got_p = grads(pieces)
+        torch.testing.assert_close(got_x, ref_x, atol=1e-12, rtol=0)
+        for name, ref in ref_p.items():
+            torch.testing.assert_close(got_p[name], ref, atol=1e-12 * max(1.0, ref.abs().max().item()), rtol=0)
+
+
 def test_padding_never_writes_into_memory():
     torch.manual_seed(0)
     config = tiny_config("lmm", hidden_size=16)
