@@ -89,6 +89,16 @@ def test_linear_memory_without_momentum_is_delta_rule():
         torch.testing.assert_close(out[t], state @ q[0, 0, t], atol=1e-10, rtol=0)
 
 
+def _stream(memory, x, pieces):
+    """The memory layer called on consecutive pieces of x (lengths `pieces`), carrying its state: outputs joined."""
+    state, outs, start = None, [], 0
+    for n in pieces:
+        out, state = memory(x[:, start : start + n], state=state, return_state=True)
+        outs.append(out)
+        start += n
+    return torch.cat(outs, 1)
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_memory_module_streaming_equals_one_call(depth):
     """The layer (projections, short conv, gates, chunked memory) continued token by token and in uneven pieces
@@ -99,12 +109,7 @@ def test_memory_module_streaming_equals_one_call(depth):
     x = torch.randn(2, 19, 16, dtype=torch.float64)
     full, _ = memory(x)
     for pieces in ([1] * 19, [5, 1, 7, 6], [19]):
-        state, outs, start = None, [], 0
-        for n in pieces:
-            out, state = memory(x[:, start : start + n], state=state, return_state=True)
-            outs.append(out)
-            start += n
-        torch.testing.assert_close(torch.cat(outs, 1), full.to(torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(_stream(memory, x, pieces), full.to(torch.float64), atol=1e-6, rtol=0)
 
 
 def test_gradients_through_a_carried_state_equal_one_call():
@@ -118,12 +123,8 @@ def test_gradients_through_a_carried_state_equal_one_call():
 
     def grads(pieces):
         memory.zero_grad()
-        x, state, outs, start = x0.clone().requires_grad_(), None, [], 0
-        for n in pieces or ():
-            out, state = memory(x[:, start : start + n], state=state, return_state=True)
-            outs.append(out)
-            start += n
-        out = memory(x)[0] if pieces is None else torch.cat(outs, 1)  # None: one stateless call
+        x = x0.clone().requires_grad_()
+        out = memory(x)[0] if pieces is None else _stream(memory, x, pieces)  # None: one stateless call
         (out[:, -8:] * w[:, -8:]).sum().backward()
         return x.grad, {n: p.grad.clone() for n, p in memory.named_parameters()}
 
