@@ -2,17 +2,22 @@
 # GPU checks in one short run (what results/benchmark_gpu*.json and the model card's GPU rows come from):
 #   env       versions and the device name
 #   tests     tests/test_gpu.py (CUDA vs the references: token recurrence, CPU, uncached generation, eager attention,
-#             fp32) and tests/test_triton_scan.py (the fused memory kernels vs the PyTorch scan, compiled for the GPU)
+#             fp32)
+#   tkernel   tests/test_triton_scan.py (the fused memory kernels vs the PyTorch scan, compiled for the GPU; several
+#             kernel configurations, each compiled once: minutes)
 #   triton    scripts/gpu_triton_check.py: the kernels at the anchor sizes (errors vs the PyTorch scan, timings)
 #   bench     scripts/benchmark.py on CUDA, bf16 autocast, batch 4: Titans vs memory-disabled vs Llama (sdpa) at 4k
 #             and 32k, with the memory kernel of $TITANS_MEMORY_KERNEL (default torch = the PyTorch chunk loop)
 #   kernel    the same benchmark with TITANS_MEMORY_KERNEL=auto (fused kernels) and --titans-attn $KERNEL_ATTN
+#   flex      the fused kernels again with --titans-attn flex_attention (block-sparse sliding window) for $FLEX_MODELS
 #   chunkc    the same benchmark with TITANS_MEMORY_KERNEL=compile (each chunk through inductor: fewer, fused launches)
 #   fsdp      FSDP2 through Trainer (torchrun, --fsdp, --bf16) for a few steps
 #   compile   the slow tests of tests/test_gpu.py (torch.compile / inductor on CUDA)
 #   decode    (only when named) cached decoding at contexts 128 and 8192 with TITANS_MEMORY_KERNEL=compile (one
 #             graph per steady step) for Titans, memory-disabled and Llama, batch 1, fp32
-# Usage: OUT=/tmp/gpu bash scripts/gpu_checks.sh [stage ...]   (default: all but decode, in the order above)
+# Usage: OUT=/tmp/gpu bash scripts/gpu_checks.sh [stage ...]   (default: all but flex and decode, in the order above)
+# Named stages run in the order named, so a short lease can put first what matters most. DEADLINE_S (seconds from
+# the start) cuts each stage's limit to the time left and skips the stages that would get under 30 s.
 # Each stage has its own time limit; a stage that fails or times out does not stop the others. The logs are packed
 # into $OUT/logs.tgz at the end (the device tool returns at most 8 files); JSON results stay beside it.
 # Machines without a package registry: put the pinned wheels the image lacks in .whl/ (on 2026-11-26 the H200 image
@@ -31,7 +36,8 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # pinned wheels carried t
         && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-STAGES=${*:-env tests triton bench kernel chunkc fsdp compile}
+STAGES=${*:-env tests tkernel triton bench kernel chunkc fsdp compile}
+DEADLINE_S=${DEADLINE_S:-0}
 BENCH_MODELS=${BENCH_MODELS:-llama,swa,mag,lmm,mal,mac}
 KERNEL_MODELS=${KERNEL_MODELS:-llama,swa,mag,lmm}
 BENCH_LENGTHS=${BENCH_LENGTHS:-4096,32768}
@@ -39,13 +45,23 @@ BENCH_ARGS=(--device "${BENCH_DEVICE:-cuda}" --dtype bfloat16 --lengths "$BENCH_
     --code-ref worktree --warmup 1 --min-steps 3 --max-steps 5 --step-budget-s 6 --slow-step-s 8 --capped-steps 1
     --timeout 240 --plot none)
 
-stage() {
-    local name=$1 limit=$2
+declare -A STAGE_LIMIT STAGE_CMD
+stage() {  # records a stage; they run below, in the order of $STAGES
+    local name=$1
+    STAGE_LIMIT[$name]=$2
     shift 2
-    case " $STAGES " in *" $name "*) ;; *) return ;; esac
+    STAGE_CMD[$name]=$(printf '%q ' "$@")
+}
+run_stage() {
+    local name=$1 limit=${STAGE_LIMIT[$1]}
     local start=$SECONDS
+    if [ "$DEADLINE_S" -gt 0 ]; then
+        local left=$((DEADLINE_S - SECONDS - 10))
+        if [ "$left" -lt 30 ]; then echo "== $name skipped: ${left}s left before DEADLINE_S"; return; fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     echo "== $name (limit ${limit}s)"
-    timeout --kill-after=5 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    eval "timeout --kill-after=5 $limit ${STAGE_CMD[$name]}" >"$LOGS/$name.log" 2>&1
     echo "== $name rc=$? in $((SECONDS - start))s"
     tail -n 12 "$LOGS/$name.log"
 }
@@ -53,13 +69,17 @@ stage() {
 stage env 60 bash -c "nvidia-smi -L; $PY -c 'import torch, transformers, triton, accelerate, datasets;
 print(\"torch\", torch.__version__, \"transformers\", transformers.__version__, \"triton\", triton.__version__,
       \"accelerate\", accelerate.__version__, \"datasets\", datasets.__version__, torch.cuda.get_device_name())'"
-stage tests 400 $PY -m pytest -v -p no:cacheprovider tests/test_gpu.py tests/test_triton_scan.py -m "not slow"
-stage triton 400 $PY scripts/gpu_triton_check.py --output "$OUT/triton_check.json"
+stage tests 400 $PY -m pytest -v -p no:cacheprovider tests/test_gpu.py -m "not slow"
+stage tkernel 400 $PY -m pytest -v -p no:cacheprovider tests/test_triton_scan.py
+stage triton 400 $PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-4096 32768} --output "$OUT/triton_check.json"
 stage bench ${BENCH_LIMIT:-300} $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --models "$BENCH_MODELS" \
     --note "${BENCH_NOTE:-gpu_checks.sh} memory kernel ${TITANS_MEMORY_KERNEL:-torch}" --output "$OUT/benchmark_gpu.json"
 stage kernel ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
     --models "$KERNEL_MODELS" --titans-attn "${KERNEL_ATTN:-sdpa}" \
     --note "${BENCH_NOTE:-gpu_checks.sh} fused memory kernels" --output "$OUT/benchmark_gpu_kernel.json"
+stage flex ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
+    --models "${FLEX_MODELS:-swa,mag}" --titans-attn flex_attention \
+    --note "${BENCH_NOTE:-gpu_checks.sh} fused memory kernels, flex attention" --output "$OUT/benchmark_gpu_flex.json"
 stage chunkc ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
     --models "${CHUNKC_MODELS:-swa,mag,lmm}" --lengths "${CHUNKC_LENGTHS:-4096}" \
     --note "${BENCH_NOTE:-gpu_checks.sh} compiled chunks" --output "$OUT/benchmark_gpu_chunkc.json"
@@ -72,5 +92,8 @@ stage decode ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/be
     --models "${DECODE_MODELS:-mag,mac,swa,llama}" --no-train --decode-contexts 128,8192 --decode-repeats 2 \
     --isolation model --code-ref worktree --timeout 240 --plot none \
     --note "${BENCH_NOTE:-gpu_checks.sh} compiled decoding" --output "$OUT/benchmark_gpu_decode.json"
+for name in $STAGES; do
+    if [ -n "${STAGE_CMD[$name]+x}" ]; then run_stage "$name"; else echo "== $name: no such stage"; fi
+done
 tar czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"
 ls -la "$OUT"
