@@ -4,7 +4,7 @@ Skipped without triton. Without a GPU the kernels run in Triton's interpreter (T
 before triton is imported; numpy-backed and slow), at the smallest sizes the kernels accept (d=16, E=32, chunk 16,
 tl.dot needs >= 16) and 3 chunks. Tolerance: in the interpreter fp32 with exact (ieee) products on both sides, so
 only the order of summation differs: max |kernel - torch| <= 2e-5 * max |torch| for every output, state and gradient
-(seen: <= 5e-6); on a GPU the kernels' default tf32x3 products, <= 1e-4 * max |torch| (not yet run on a GPU).
+(seen: <= 5e-6); on a GPU the kernels' default tf32x3 products, <= 1e-4 * max |torch| (H200: results/gpu_h200_kernel/tkernel.log).
 """
 
 import os
@@ -147,7 +147,7 @@ def test_no_grad_scan_uses_kernel(spy, monkeypatch):
 def test_unsupported_shapes_fall_back(spy):
     """d = 8 (below tl.dot's 16), a chunk that is no power of two, depth 3 and a ragged `select_chunk` keep the
     PyTorch scan, without error, even when the kernel is asked for."""
-    for depth, d, chunk, select in ((2, 8, 16, None), (1, 16, 12, None), (2, 16, 16, torch.tensor([1, 3]))):
+    for depth, d, chunk, select in ((2, 8, 16, None), (1, 16, 12, None), (2, 16, 16, torch.tensor([1, 3], device=DEVICE))):
         tensors = _problem(depth, True, d=d)
         if chunk != C:
             tensors[-5:] = mt.memory_chunk_coefficients(*(torch.rand(3, B, H, T) * 0.1).to(DEVICE), chunk)
@@ -161,11 +161,11 @@ def test_unsupported_shapes_fall_back(spy):
 
 
 def test_dispatch_switch(monkeypatch):
-    """TITANS_MEMORY_KERNEL: unset or `torch` never uses the kernel, an unknown value is an error; `auto` only on CUDA tensors; `triton` also on CPU tensors
-    under the interpreter."""
+    """TITANS_MEMORY_KERNEL: `torch` never uses the kernel, an unknown value is an error; `auto` (also the default,
+    unset) only on CUDA tensors; `triton` also on CPU tensors under the interpreter."""
     tensors = _problem(1, False)
-    monkeypatch.delenv("TITANS_MEMORY_KERNEL", raising=False)  # opt-in: the default is the PyTorch scan
-    assert not mt._use_triton_scan(tensors, 1, C, "silu", None)
+    monkeypatch.delenv("TITANS_MEMORY_KERNEL", raising=False)  # default: `auto`
+    assert mt._use_triton_scan(tensors, 1, C, "silu", None) == (DEVICE.type == "cuda")
     monkeypatch.setenv("TITANS_MEMORY_KERNEL", "torch")
     assert not mt._use_triton_scan(tensors, 1, C, "silu", None)
     monkeypatch.setenv("TITANS_MEMORY_KERNEL", "fused")
