@@ -1146,7 +1146,7 @@ def main(argv=None) -> int:
                      tp_max_train_len=args.tp_max_train_len, timeout_s=args.timeout, max_rss_gib=args.max_rss_gib,
                      max_position_embeddings=max_len, dtype=args.dtype,
                      titans_attn=args.titans_attn, inference_mode=args.inference_mode, rounds=args.rounds,
-                     memory_kernel=os.environ.get("TITANS_MEMORY_KERNEL", "torch")),  # fmt: skip
+                     memory_kernel=os.environ.get("TITANS_MEMORY_KERNEL", "auto")),  # fmt: skip
         "method": {
             "train": "tokens/s = batch*length / median(step), step = forward (loss on all positions) + backward, "
                      "zero_grad between steps, no optimiser step; random token ids (seed 1234); float32 weights, "

@@ -7,7 +7,7 @@
 #             kernel configurations, each compiled once: minutes)
 #   triton    scripts/gpu_triton_check.py: the kernels at the anchor sizes (errors vs the PyTorch scan, timings)
 #   bench     scripts/benchmark.py on CUDA, bf16 autocast, batch 4: Titans vs memory-disabled vs Llama (sdpa) at 4k
-#             and 32k, with the memory kernel of $TITANS_MEMORY_KERNEL (default torch = the PyTorch chunk loop)
+#             and 32k, with TITANS_MEMORY_KERNEL=$BENCH_KERNEL (default torch: the PyTorch chunk loop, the baseline)
 #   kernel    the same benchmark with TITANS_MEMORY_KERNEL=auto (fused kernels) and --titans-attn $KERNEL_ATTN
 #   flex      the fused kernels again with --titans-attn flex_attention (block-sparse sliding window) for $FLEX_MODELS
 #   chunkc    the same benchmark with TITANS_MEMORY_KERNEL=compile (each chunk through inductor: fewer, fused launches)
@@ -72,8 +72,8 @@ print(\"torch\", torch.__version__, \"transformers\", transformers.__version__, 
 stage tests 400 $PY -m pytest -v -p no:cacheprovider tests/test_gpu.py -m "not slow"
 stage tkernel 400 $PY -m pytest -v -p no:cacheprovider tests/test_triton_scan.py
 stage triton 400 $PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-4096 32768} --output "$OUT/triton_check.json"
-stage bench ${BENCH_LIMIT:-300} $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --models "$BENCH_MODELS" \
-    --note "${BENCH_NOTE:-gpu_checks.sh} memory kernel ${TITANS_MEMORY_KERNEL:-torch}" --output "$OUT/benchmark_gpu.json"
+stage bench ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL="${BENCH_KERNEL:-torch}" $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --models "$BENCH_MODELS" \
+    --note "${BENCH_NOTE:-gpu_checks.sh} memory kernel ${BENCH_KERNEL:-torch}" --output "$OUT/benchmark_gpu.json"
 stage kernel ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
     --models "$KERNEL_MODELS" --titans-attn "${KERNEL_ATTN:-sdpa}" \
     --note "${BENCH_NOTE:-gpu_checks.sh} fused memory kernels" --output "$OUT/benchmark_gpu_kernel.json"
