@@ -1783,6 +1783,45 @@ def titans_attention_mask(q_pos, kv_pos, num_cached, num_persistent, window=None
     return torch.cat([prefix, allowed], dim=-1)[:, None]
 
 
+def titans_mask_function(q_pos, kv_pos, num_cached, num_persistent, window=None, segment=None, context=False,
+                         lookback=None, block=128):
+    """`titans_attention_mask` as a mask function (b, h, q, kv) -> bool, for flex attention's BlockMask.
+
+    It reads small per-row and per-column tensors instead of a dense (B, Lq, Lk) mask, so memory stays O(B·L). A
+    dense mask at 4 × 32k tokens is 4.3 GB with more than 2^31 entries; flex with it crashed there on an H200
+    (illegal memory access; an index overflow is the likely cause, not yet confirmed). Key axis: [persistent | keys], or, with `context` (MAC),
+    [persistent | retrieved tokens | keys], where the retrieved tokens have the keys' positions; `lookback` limits
+    only those, and a padding query sees none of them. Everything the function reads is a tensor, lengths padded to
+    a multiple of flex's block size (flex evaluates whole blocks; padded columns are of no kind, so never visible):
+    Python ints in the closure would become symbolic on a second length, which inductor's CPU flex template fails to
+    compile (torch 2.13).
+    """
+    bsz, n_kv, device = kv_pos.shape[0], kv_pos.shape[1], kv_pos.device
+
+    def padded(t, value):
+        return F.pad(t, (0, -t.shape[-1] % block), value=value)
+
+    parts = [(kv_pos.new_full((bsz, num_persistent), -1), 0)] + ([(kv_pos, 1)] if context else []) + [(kv_pos, 2)]
+    column_pos = padded(torch.cat([p for p, _ in parts], dim=1), -1)
+    kind = padded(torch.cat([torch.full((p.shape[1],), k, device=device) for p, k in parts]), -1)  # -1: padding
+    keys_start = num_persistent + (n_kv if context else 0)
+    owner = torch.arange(kind.shape[0], device=device) - keys_start - num_cached  # the query whose own slot it is
+    row_pos = padded(q_pos, -1)
+    never = torch.iinfo(torch.long).max // 4
+    limits = torch.tensor([window or never, segment or never, lookback or never], device=device)
+
+    def mask_function(b, h, q, kv):
+        qp, kp, k = row_pos[b, q], column_pos[b, kv], kind[kv]
+        allowed = (kp >= 0) & (kp <= qp) & (qp - kp < limits[0])
+        same_segment = torch.div(kp, limits[1], rounding_mode="floor") == torch.div(qp, limits[1], rounding_mode="floor")
+        allowed = allowed & same_segment
+        keys = (k == 2) & (allowed | ((owner[kv] == q) & (qp < 0)))  # a padding query sees its own slot
+        retrieved = (k == 1) & allowed & (qp >= 0) & (qp - kp < limits[2])
+        return (k == 0) | keys | retrieved
+
+    return mask_function
+
+
 class TitansAttention(nn.Module):
     """Multi-head attention with N_p persistent tokens (Eq. 19) prepended to the keys.
 
@@ -1867,6 +1906,7 @@ class TitansAttention(nn.Module):
 
         keep = self.window - 1  # a query sees itself and at most window-1 earlier tokens
         n_p = 0 if self.persistent_tokens is None else self.persistent_tokens.shape[0]
+        flex = self.config._attn_implementation == "flex_attention"
         blocked = False
         if self.segment:  # MAC's retrieved tokens, aligned with the keys (the same positions)
             ctx_key, ctx_value = self._kv(context, cos, sin)
@@ -1890,6 +1930,12 @@ class TitansAttention(nn.Module):
             mask = None
             all_key = torch.cat([ctx_key[:, :, -lookback:], key[:, :, -seen:]], dim=2)
             all_value = torch.cat([ctx_value[:, :, -lookback:], value[:, :, -seen:]], dim=2)
+        elif self.segment and flex:
+            mask = titans_mask_function(
+                positions, kv_pos, num_cached, n_p, segment=self.window, context=True,
+                lookback=self.config.num_memory_tokens,
+            )  # fmt: skip
+            all_key, all_value = torch.cat([ctx_key, key], dim=2), torch.cat([ctx_value, value], dim=2)
         elif self.segment:
             mask = titans_attention_mask(positions, kv_pos, num_cached, 0, segment=self.window)
             ctx_mask = titans_attention_mask(
@@ -1898,11 +1944,13 @@ class TitansAttention(nn.Module):
             ctx_mask &= (positions >= 0)[:, None, :, None]
             mask = torch.cat([mask.new_ones(bsz, 1, q_len, n_p), ctx_mask, mask], dim=-1)
             all_key, all_value = torch.cat([ctx_key, key], dim=2), torch.cat([ctx_value, value], dim=2)
-        elif q_len > 2 * self.window and self.config._attn_implementation != "flex_attention":  # flex: block mask
+        elif q_len > 2 * self.window and not flex:  # flex: a block mask skips the blocks outside the window
             query, all_key, all_value, mask = self._window_blocks(query, key, value, positions, kv_pos, num_cached, n_p)
             blocked = True
         elif one_token:  # every cached key is visible
             mask, all_key, all_value = None, key, value
+        elif flex:
+            mask, all_key, all_value = titans_mask_function(positions, kv_pos, num_cached, n_p, window=self.window), key, value
         else:
             mask = titans_attention_mask(positions, kv_pos, num_cached, n_p, window=self.window)
             all_key, all_value = key, value
@@ -1929,12 +1977,18 @@ class TitansAttention(nn.Module):
             )
         # the backend's own mask format (bool for sdpa, additive for eager, BlockMask for flex) from masking_utils,
         # with the position-based pattern above as the mask function
-        if mask is not None and not (q_len == 1 and impl in ("sdpa", "eager")):  # one query: the bool mask as is
+        if callable(mask):  # flex: the mask function of the positions (no dense mask)
+            mask_kwargs = dict(batch_size=bsz, q_length=q_len, kv_length=all_key.shape[2], mask_function=mask,
+                               device=query.device)  # fmt: skip
+        elif mask is not None and not (q_len == 1 and impl in ("sdpa", "eager")):  # one query: the bool mask as is
             dense = mask[:, 0]
             mask_kwargs = dict(
                 batch_size=dense.shape[0], q_length=dense.shape[1], kv_length=dense.shape[2],
                 mask_function=lambda b, h, q, kv: dense[b, q, kv], device=query.device,
             )  # fmt: skip
+        else:
+            mask_kwargs = None
+        if mask_kwargs is not None:
             if impl == "sdpa":
                 mask_kwargs["allow_is_causal_skip"] = False  # never let SDPA fall back to is_causal (it crops K/V)
             elif impl == "eager":

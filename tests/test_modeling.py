@@ -102,6 +102,35 @@ def test_attention_backends_match_eager(variant, impl):
     torch.testing.assert_close(other[mask.bool()], eager[mask.bool()], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("num_cached", [0, 5])
+@pytest.mark.parametrize("pattern", ["window", "segment"])
+def test_flex_mask_function_equals_the_dense_mask(pattern, num_cached):
+    """The flex path's mask function (per-row/column tensors, no dense mask) against `titans_attention_mask`, the
+    dense mask of sdpa/eager: left padding, rows at different phases, cached keys; MAC's [persistent | retrieved |
+    keys] axis with its lookback. Columns and rows past the ends (flex pads to its block size) are never visible."""
+    from modeling_titans import titans_attention_mask, titans_mask_function
+
+    n_p, window, lookback, q_len = 3, 6, 4, 21
+    q_pos = torch.arange(q_len).repeat(3, 1) + num_cached + torch.tensor([[0], [2], [0]])  # row 1: 2 tokens ahead
+    q_pos[2, :7] = -1  # row 2: left padding
+    q_pos[2, 7:] -= 7 + num_cached
+    kv_pos = torch.cat([torch.arange(num_cached).repeat(3, 1) + torch.tensor([[0], [2], [0]]), q_pos], dim=1)
+    kv_pos[2, :num_cached] = -1
+    if pattern == "window":
+        dense = titans_attention_mask(q_pos, kv_pos, num_cached, n_p, window=window)[:, 0]
+        function = titans_mask_function(q_pos, kv_pos, num_cached, n_p, window=window)
+    else:
+        keys = titans_attention_mask(q_pos, kv_pos, num_cached, 0, segment=window)[:, 0]
+        retrieved = titans_attention_mask(q_pos, kv_pos, num_cached, 0, segment=window, lookback=lookback)[:, 0]
+        retrieved &= (q_pos >= 0)[:, :, None]
+        dense = torch.cat([keys.new_ones(3, q_len, n_p), retrieved, keys], dim=-1)
+        function = titans_mask_function(q_pos, kv_pos, num_cached, n_p, segment=window, context=True, lookback=lookback)
+    assert dense[:, :, n_p:].any() and not dense.all()  # (the pattern is not trivial)
+    grid = function(torch.arange(3)[:, None, None], 0, torch.arange(128)[None, :, None], torch.arange(128)[None, None])
+    assert torch.equal(grid[:, :q_len, : dense.shape[-1]], dense)
+    assert not grid[:, :, dense.shape[-1] :].any()
+
+
 def test_flash_attention_is_refused_clearly():
     model = tiny_model("mag")
     model.config._attn_implementation = "flash_attention_2"
