@@ -481,12 +481,15 @@ def task_profile(model, family, spec, task, emit):
         model.train()
 
         def step():
-            if family == "tp":
-                loss = model(x, return_loss=True)
-            else:
-                loss = model(input_ids=x[:, :L], labels=x[:, :L], use_cache=False).loss
+            with _amp(spec):  # as the timed training steps (bf16 autocast with --dtype bfloat16)
+                if family == "tp":
+                    loss = model(x, return_loss=True)
+                else:
+                    loss = model(input_ids=x[:, :L], labels=x[:, :L], use_cache=False).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
 
         t0 = time.perf_counter()
         step()  # warm-up
@@ -497,7 +500,7 @@ def task_profile(model, family, spec, task, emit):
             step()
         wall = time.perf_counter() - t0
         what = dict(length=L, batch=batch)
-    sort = "self_cuda_time_total" if (device.startswith("cuda") and not decode) else "self_cpu_time_total"
+    sort = "self_device_time_total" if (device.startswith("cuda") and not decode) else "self_cpu_time_total"
     averages = prof.key_averages()
     table = averages.table(sort_by=sort, row_limit=task["rows"])
     total_self = sum(e.self_cpu_time_total for e in averages) or 1.0

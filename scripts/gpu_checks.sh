@@ -10,6 +10,7 @@
 #             and 32k, with TITANS_MEMORY_KERNEL=$BENCH_KERNEL (default torch: the PyTorch chunk loop, the baseline)
 #   kernel    the same benchmark with TITANS_MEMORY_KERNEL=auto (fused kernels) and --titans-attn $KERNEL_ATTN
 #   flex      the fused kernels again with --titans-attn flex_attention (block-sparse sliding window) for $FLEX_MODELS
+#   profile   torch.profiler tables (CUDA kernel time) of one bf16 training step at 4 x 4,096 for $PROFILE_MODELS
 #   chunkc    the same benchmark with TITANS_MEMORY_KERNEL=compile (each chunk through inductor: fewer, fused launches)
 #   fsdp      FSDP2 through Trainer (torchrun, --fsdp, --bf16) for a few steps
 #   compile   the slow tests of tests/test_gpu.py (torch.compile / inductor on CUDA)
@@ -80,6 +81,12 @@ stage kernel ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/bench
 stage flex ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
     --models "${FLEX_MODELS:-swa,mag}" --titans-attn flex_attention \
     --note "${BENCH_NOTE:-gpu_checks.sh} fused memory kernels, flex attention" --output "$OUT/benchmark_gpu_flex.json"
+PROFILE_ARGS=()
+for m in ${PROFILE_MODELS:-llama swa mag}; do PROFILE_ARGS+=(--profile "$m:4096"); done
+stage profile ${BENCH_LIMIT:-300} $PY scripts/benchmark.py --device "${BENCH_DEVICE:-cuda}" --dtype bfloat16 \
+    --models "$(echo ${PROFILE_MODELS:-llama swa mag} | tr ' ' ,)" --no-train --no-decode "${PROFILE_ARGS[@]}" \
+    --profile-rows 30 --isolation model --code-ref worktree --timeout 240 --plot none \
+    --note "${BENCH_NOTE:-gpu_checks.sh} profiles" --output "$OUT/benchmark_gpu_profile.json"
 stage chunkc ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
     --models "${CHUNKC_MODELS:-swa,mag,lmm}" --lengths "${CHUNKC_LENGTHS:-4096}" \
     --note "${BENCH_NOTE:-gpu_checks.sh} compiled chunks" --output "$OUT/benchmark_gpu_chunkc.json"

@@ -139,3 +139,20 @@ def test_benchmark_rounds_report_the_median_round(tmp_path):
     for e in data["decode"]:
         values = sorted(r["tokens_per_s"] for r in raw if r["model"] == e["model"])
         assert e["tokens_per_s"] == values[1] and sorted(e["rounds_values"]["tokens_per_s"]) == values
+
+
+def test_benchmark_profile_of_a_mixed_precision_training_step(tmp_path):
+    """--profile MODEL:LEN alone (no timed rows): a torch.profiler table of one training step, stored in the JSON
+    (what scripts/gpu_checks.sh's `profile` stage reads on a GPU), under the same bf16 autocast as the timed steps:
+    autocast's casts show up as more aten::_to_copy calls than in an fp32 step."""
+    casts = {}
+    for dtype in ("bfloat16", "float32"):
+        (tmp_path / dtype).mkdir()
+        data, stdout, _ = run_quick(tmp_path / dtype, "--models", "mag", "--no-train", "--no-decode", "--profile",
+                                    "mag:64", "--profile-rows", "200", "--dtype", dtype, "--plot", "none")  # fmt: skip
+        (prof,) = data["profiles"]
+        assert prof["status"] == "ok" and prof["mode"] == "train" and prof["length"] == 64, prof
+        assert prof["sort_by"] == "self_cpu_time_total" and "Self CPU" in prof["table"]
+        assert data["train"] == [] and data["decode"] == [] and "profile mag:64" in stdout
+        casts[dtype] = sum(op["calls"] for op in prof["top_ops"] if op["name"] == "aten::_to_copy")
+    assert casts["bfloat16"] > casts["float32"], casts  # deterministic counts: equal without autocast
