@@ -1789,12 +1789,12 @@ def titans_mask_function(q_pos, kv_pos, num_cached, num_persistent, window=None,
 
     It reads small per-row and per-column tensors instead of a dense (B, Lq, Lk) mask, so memory stays O(B·L). A
     dense mask at 4 × 32k tokens is 4.3 GB with more than 2^31 entries; flex with it crashed there on an H200
-    (illegal memory access; an index overflow is the likely cause, not yet confirmed). Key axis: [persistent | keys], or, with `context` (MAC),
-    [persistent | retrieved tokens | keys], where the retrieved tokens have the keys' positions; `lookback` limits
-    only those, and a padding query sees none of them. Everything the function reads is a tensor, lengths padded to
-    a multiple of flex's block size (flex evaluates whole blocks; padded columns are of no kind, so never visible):
-    Python ints in the closure would become symbolic on a second length, which inductor's CPU flex template fails to
-    compile (torch 2.13).
+    (illegal memory access; an index overflow is the likely cause, not yet confirmed). Key axis: [persistent |
+    keys], or, with `context` (MAC), [persistent | retrieved tokens | keys], where the retrieved tokens have the
+    keys' positions; `lookback` limits only those, and a padding query sees none of them. Everything the function
+    reads is a tensor, with lengths padded to a multiple of flex's block size (flex evaluates whole blocks; padded
+    columns are of no kind, so never visible): Python ints in the closure would become symbolic on a second length,
+    which inductor's CPU flex template fails to compile (torch 2.13).
     """
     bsz, n_kv, device = kv_pos.shape[0], kv_pos.shape[1], kv_pos.device
 
@@ -1813,8 +1813,8 @@ def titans_mask_function(q_pos, kv_pos, num_cached, num_persistent, window=None,
     def mask_function(b, h, q, kv):
         qp, kp, k = row_pos[b, q], column_pos[b, kv], kind[kv]
         allowed = (kp >= 0) & (kp <= qp) & (qp - kp < limits[0])
-        same_segment = torch.div(kp, limits[1], rounding_mode="floor") == torch.div(qp, limits[1], rounding_mode="floor")
-        allowed = allowed & same_segment
+        segment_of = lambda p: torch.div(p, limits[1], rounding_mode="floor")  # noqa: E731
+        allowed = allowed & (segment_of(kp) == segment_of(qp))
         keys = (k == 2) & (allowed | ((owner[kv] == q) & (qp < 0)))  # a padding query sees its own slot
         retrieved = (k == 1) & allowed & (qp >= 0) & (qp - kp < limits[2])
         return (k == 0) | keys | retrieved
@@ -1950,7 +1950,8 @@ class TitansAttention(nn.Module):
         elif one_token:  # every cached key is visible
             mask, all_key, all_value = None, key, value
         elif flex:
-            mask, all_key, all_value = titans_mask_function(positions, kv_pos, num_cached, n_p, window=self.window), key, value
+            mask = titans_mask_function(positions, kv_pos, num_cached, n_p, window=self.window)
+            all_key, all_value = key, value
         else:
             mask = titans_attention_mask(positions, kv_pos, num_cached, n_p, window=self.window)
             all_key, all_value = key, value
