@@ -30,6 +30,12 @@ class TitansConfig(PreTrainedConfig):
         num_memory_tokens (`int`, *optional*):
             MAC only: how many of the most recent per-token retrievals h_t (paper Eq. 21) each query attends to,
             within its segment. `None` means the whole segment (N_l = C).
+        mac_attention (`str`, defaults to `"segment"`):
+            MAC only: the reach of the attention over [persistent | h | x]. `"segment"` is the paper's (Eq. 21-23):
+            causal inside each segment of `attention_window` tokens, so a segment's first token sees only itself.
+            `"sliding"` is a sliding window of `attention_window` tokens over the same keys, across segment starts;
+            the memory is still read and written segment by segment. With `"segment"` MAC did not learn our
+            passkey task, with `"sliding"` it did (model card D20).
         memory_layers (`list[int]`, *optional*):
             Indices of the decoder layers that carry a neural memory; `None` means all. Layers without memory
             are sliding-window attention layers (the "memory disabled" baseline is `memory_layers=[]`).
@@ -80,6 +86,7 @@ class TitansConfig(PreTrainedConfig):
     attention_window: int = 64
     num_persistent_tokens: int = 4
     num_memory_tokens: int | None = None
+    mac_attention: str = "segment"
     memory_layers: list[int] | None = None
     memory_depth: int = 2
     memory_expansion: int = 2
@@ -166,6 +173,12 @@ class TitansConfig(PreTrainedConfig):
                     f"TitansConfig.num_memory_tokens must be an integer in [1, attention_window="
                     f"{self.attention_window}] or None, got {self.num_memory_tokens!r}."
                 )
+        if self.mac_attention not in ("segment", "sliding"):
+            raise ValueError(
+                f"TitansConfig.mac_attention must be 'segment' or 'sliding', got {self.mac_attention!r}."
+            )
+        if self.mac_attention != "segment" and self.variant != "mac":
+            raise ValueError("TitansConfig.mac_attention is only used by variant='mac'; leave it 'segment'.")
         if self.variant == "lmm" and len(self.memory_layers) == 0:
             raise ValueError("TitansConfig.memory_layers must not be empty for variant='lmm' (memory-only model).")
 

@@ -1841,6 +1841,10 @@ class TitansAttention(nn.Module):
         self.is_causal = True
         self.segment = segment
         self.window = config.attention_window
+        # MAC's reach over [persistent | h | x] (model card D20): causal inside the segment (the paper's Eq. 21-23),
+        # or, with mac_attention="sliding", a sliding window across segment starts
+        self.segment_local = segment and config.mac_attention == "segment"
+        self.mac_reach = {"segment": self.window} if self.segment_local else {"window": self.window}
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
@@ -1893,7 +1897,7 @@ class TitansAttention(nn.Module):
         # MAC: a slice that is one whole segment in every row sees no cached key (they all lie in earlier segments),
         # so it skips them: half the keys of a training segment, and the same cache afterwards
         whole_segment = (
-            self.segment
+            self.segment_local
             and q_len == self.window
             and not torch.compiler.is_compiling()
             and bool(((positions[:, 0] >= 0) & (positions[:, 0] % self.window == 0)).all())
@@ -1922,7 +1926,7 @@ class TitansAttention(nn.Module):
             and bool((kv_pos >= 0).all())
         )
         seen = None  # MAC, every row at the same phase: the segment's keys so far, the same number in every row
-        if self.segment and one_token:
+        if self.segment_local and one_token:
             phase = positions[:, 0] % self.window
             seen = int(phase[0]) + 1 if bool((phase == phase[0]).all()) else None
         if seen is not None:  # MAC: the segment's keys so far, and its retrieved tokens within the lookback
@@ -1932,14 +1936,14 @@ class TitansAttention(nn.Module):
             all_value = torch.cat([ctx_value[:, :, -lookback:], value[:, :, -seen:]], dim=2)
         elif self.segment and flex:
             mask = titans_mask_function(
-                positions, kv_pos, num_cached, n_p, segment=self.window, context=True,
-                lookback=self.config.num_memory_tokens,
+                positions, kv_pos, num_cached, n_p, context=True, lookback=self.config.num_memory_tokens,
+                **self.mac_reach,
             )  # fmt: skip
             all_key, all_value = torch.cat([ctx_key, key], dim=2), torch.cat([ctx_value, value], dim=2)
         elif self.segment:
-            mask = titans_attention_mask(positions, kv_pos, num_cached, 0, segment=self.window)
+            mask = titans_attention_mask(positions, kv_pos, num_cached, 0, **self.mac_reach)
             ctx_mask = titans_attention_mask(
-                positions, kv_pos, num_cached, 0, segment=self.window, lookback=self.config.num_memory_tokens
+                positions, kv_pos, num_cached, 0, lookback=self.config.num_memory_tokens, **self.mac_reach
             )
             ctx_mask &= (positions >= 0)[:, None, :, None]
             mask = torch.cat([mask.new_ones(bsz, 1, q_len, n_p), ctx_mask, mask], dim=-1)

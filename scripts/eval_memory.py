@@ -157,6 +157,7 @@ ABLATIONS = {
     "linear_memory": dict(memory_depth=1),
 }
 MODELS = ["mac", "mag", "mal", "lmm", "swa", "llama", *ABLATIONS]
+EXTRA_MODELS = ["mac_sliding"]  # asked for by name only: MAC with mac_attention="sliding" (model card D20)
 
 
 def model_overrides(name: str, base: str = BASE_VARIANT) -> dict | None:
@@ -167,12 +168,15 @@ def model_overrides(name: str, base: str = BASE_VARIANT) -> dict | None:
         return dict(variant="mag", memory_layers=[])
     if name in ABLATIONS:
         return dict(variant=base, **ABLATIONS[name])
+    if name == "mac_sliding":
+        return dict(variant="mac", mac_attention="sliding")
     return dict(variant=name)
 
 
 def model_label(name: str, base: str = BASE_VARIANT) -> str:
     fixed = {"mac": "Titans MAC", "mag": "Titans MAG", "mal": "Titans MAL", "lmm": "Titans LMM",
-             "swa": "memory disabled (SWA only)", "llama": "Llama (full attention)"}  # fmt: skip
+             "swa": "memory disabled (SWA only)", "llama": "Llama (full attention)",
+             "mac_sliding": "Titans MAC, sliding attention"}  # fmt: skip
     what = {"no_momentum": "η=0 (no momentum)", "no_forgetting": "α=0 (no forgetting)",
             "linear_memory": "L_M=1 (linear memory)"}  # fmt: skip
     return fixed.get(name) or f"{base.upper()} {what[name]}"
@@ -387,7 +391,8 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: tiny models, a few steps, < 60 s")
     p.add_argument("--tasks", nargs="+", default=["passkey", "mqar"], choices=list(TASKS))
-    p.add_argument("--models", nargs="+", default=None, help=f"subset of {list(MODELS)} (default: all)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"subset of {list(MODELS)} (default: all), or also {EXTRA_MODELS} by name")
     p.add_argument("--passkey_models", nargs="+", default=None, help="models for passkey (default: --models)")
     p.add_argument("--mqar_models", nargs="+", default=None, help="models for MQAR (default: --models)")
     p.add_argument("--base_variant", default=BASE_VARIANT, choices=["mac", "mag", "mal", "lmm"],
@@ -435,8 +440,8 @@ def parse_args(argv=None):
     args.passkey_models = args.passkey_models or args.models
     args.mqar_models = args.mqar_models or args.models
     for name in {*args.passkey_models, *args.mqar_models}:
-        if name not in MODELS:
-            p.error(f"unknown model {name!r}; choose from {list(MODELS)}")
+        if name not in MODELS + EXTRA_MODELS:
+            p.error(f"unknown model {name!r}; choose from {MODELS + EXTRA_MODELS}")
     args.plot = args.plot or os.path.splitext(args.output)[0] + ".png"
     return args
 
@@ -532,7 +537,7 @@ def main(argv=None):
         jobs = [(task, name) for task in args.tasks for name in getattr(args, f"{task}_models")
                 if name not in task_block(results, task)["models"]]  # fmt: skip
         # the slowest models first, so that parallel workers finish together
-        cost = {"mac": 5, "mag": 4, "mal": 4, "no_momentum": 3, "no_forgetting": 3, "lmm": 3, "linear_memory": 2}
+        cost = {"mac": 5, "mac_sliding": 5, "mag": 4, "mal": 4, "no_momentum": 3, "no_forgetting": 3, "lmm": 3, "linear_memory": 2}
         jobs.sort(key=lambda job: -cost.get(job[1], 0))
         if args.jobs > 1 and len(jobs) > 1:
             import multiprocessing as mp

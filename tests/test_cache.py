@@ -60,6 +60,34 @@ def test_mac_continuation_with_right_padding_stays_in_its_segment():
     torch.testing.assert_close(continued[:, :3], full[:, 3:], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("prompt_len", [1, 5, 4 * WINDOW + 3])
+def test_sliding_mac_prefill_then_decode_matches_full_forward(prompt_len):
+    """mac_attention="sliding" (model card D20): the attention's window crosses segment starts, so a one-token step
+    needs the previous segment's keys and retrieved tokens from the cache. Two rows at different phases (one left
+    padded), num_memory_tokens 3: prefill plus one-token steps against the full forward."""
+    model = tiny_model("mac", mac_attention="sliding", num_memory_tokens=3)
+    ids = torch.randint(2, 64, (2, prompt_len + 2 * WINDOW), generator=torch.Generator().manual_seed(prompt_len))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        out = model(ids[:, :prompt_len], attention_mask=mask[:, :prompt_len],
+                    past_key_values=TitansCache(model.config), use_cache=True)  # fmt: skip
+        for t in range(prompt_len, ids.shape[1]):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values,
+                        use_cache=True)  # fmt: skip
+            assert (out.logits[0, -1] - full[0, t]).abs().max() <= 1e-4, t
+            if t >= 3:
+                assert (out.logits[1, -1] - full[1, t]).abs().max() <= 1e-4, t
+
+
+def test_sliding_mac_greedy_generate_with_and_without_cache():
+    model = tiny_model("mac", mac_attention="sliding")
+    ids = _prompt(2 * WINDOW + 3, seed=4)
+    kwargs = dict(max_new_tokens=3 * WINDOW, do_sample=False, min_new_tokens=3 * WINDOW)
+    assert torch.equal(model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_one_token_steps_of_a_left_padded_batch(impl):
     """Decoding steps skip the attention mask once every cached key is a real token; while left padding is still

@@ -131,6 +131,42 @@ def test_flex_mask_function_equals_the_dense_mask(pattern, num_cached):
     assert not grid[:, :, dense.shape[-1] :].any()
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "flex_attention"])
+def test_mac_attention_reach(impl):
+    """MAC's attention over [persistent | h | x] (D20): with "segment" (the paper's) the first query of a segment
+    depends on no earlier token; with "sliding" it sees the window-1 tokens before it, across the segment start, and
+    no further."""
+    config = tiny_config("mac", attn_implementation=impl)
+    window = config.attention_window
+    outputs = {}
+    for reach in ("segment", "sliding"):
+        torch.manual_seed(0)
+        model = TitansForCausalLM(tiny_config("mac", mac_attention=reach, attn_implementation=impl)).eval()
+        attention, rotary = model.model.layers[0].self_attn, model.model.rotary_emb
+        x = torch.randn(1, 3 * window, config.hidden_size, generator=torch.Generator().manual_seed(1))
+        positions = torch.arange(3 * window)[None]
+        with torch.no_grad():
+            outputs[reach] = []
+            for changed in (None, window, window + 2):  # a token w before / w-2 before query 2w
+                xc = x.clone()
+                if changed is not None:
+                    xc[:, changed] += 1.0
+                embeddings = rotary(xc, position_ids=positions)
+                out, _ = attention(xc, embeddings, positions, None, context=torch.zeros_like(xc))
+                outputs[reach].append(out[0, 2 * window])
+    base, far, near = outputs["segment"]
+    assert torch.equal(base, far) and torch.equal(base, near)  # the segment start sees only itself
+    base, far, near = outputs["sliding"]
+    assert torch.equal(base, far) and not torch.allclose(base, near)  # window-1 tokens back, across the start
+
+
+def test_mac_attention_setting_is_validated():
+    with pytest.raises(ValueError, match="mac_attention"):
+        tiny_config("mac", mac_attention="global")
+    with pytest.raises(ValueError, match="mac_attention"):
+        tiny_config("mag", mac_attention="sliding")
+
+
 def test_flash_attention_is_refused_clearly():
     model = tiny_model("mag")
     model.config._attn_implementation = "flash_attention_2"
