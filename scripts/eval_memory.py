@@ -342,7 +342,7 @@ def plot(results: dict, path: str):
         block = results["tasks"][task]
         metric = "token_accuracy" if task == "passkey" else "accuracy"
         for panel, names in enumerate((
-            [n for n in block["models"] if n in ("mac", "mag", "mal", "lmm", "swa", "llama")],
+            [n for n in block["models"] if n in ("mac", "mag", "mal", "lmm", "swa", "llama", *EXTRA_MODELS)],
             [n for n in block["models"] if n in (base, *ABLATIONS, "swa")],
         )):  # fmt: skip
             ax = axes[t, panel]
@@ -553,7 +553,7 @@ def main(argv=None):
                 save()
         for task in args.tasks:  # a fixed model order in the file, whatever order the workers finished in
             block = task_block(results, task)
-            block["models"] = {n: block["models"][n] for n in MODELS if n in block["models"]}
+            block["models"] = {n: block["models"][n] for n in MODELS + EXTRA_MODELS if n in block["models"]}
     results["total_seconds"] = round(time.time() - t0, 1)
     save()
     plot(results, args.plot)

@@ -111,7 +111,7 @@ def test_train_batches_follow_the_curriculum():
 
 def test_model_zoo_builds_equal_width_models():
     args = em.parse_args(["--quick"])
-    for name in em.MODELS:
+    for name in em.MODELS + em.EXTRA_MODELS:
         model = em.build_model(name, args, seed=0)
         assert model.config.hidden_size == args.hidden_size and model.config.num_hidden_layers == args.layers
         if name == "swa":
@@ -122,6 +122,8 @@ def test_model_zoo_builds_equal_width_models():
             assert model.config.memory_use_forgetting is False
         if name == "linear_memory":
             assert model.config.memory_depth == 1
+        if name == "mac_sliding":
+            assert model.config.variant == "mac" and model.config.mac_attention == "sliding"
 
 
 def test_accuracy_counts_only_answers():
@@ -144,9 +146,11 @@ def test_accuracy_counts_only_answers():
 
 def test_eval_memory_quick(tmp_path):
     out = tmp_path / "eval_memory.json"
-    run("eval_memory.py", ["--quick", "--output", str(out)], tmp_path, timeout=60)
+    passkey_models = ["mag", "swa", "llama", "no_momentum", "mac_sliding"]  # (an extra model, asked for by name)
+    run("eval_memory.py", ["--quick", "--output", str(out), "--passkey_models", *passkey_models], tmp_path, timeout=90)
     results = json.loads(out.read_text())
     assert (tmp_path / "eval_memory.png").stat().st_size > 1000
+    assert list(results["tasks"]["passkey"]["models"]) == ["mag", "swa", "llama", "no_momentum", "mac_sliding"]
     for task, key in (("passkey", "exact_match"), ("mqar", "accuracy")):
         models = results["tasks"][task]["models"]
         assert {"mag", "swa", "llama", "no_momentum"} <= set(models)
