@@ -537,7 +537,8 @@ def main(argv=None):
         jobs = [(task, name) for task in args.tasks for name in getattr(args, f"{task}_models")
                 if name not in task_block(results, task)["models"]]  # fmt: skip
         # the slowest models first, so that parallel workers finish together
-        cost = {"mac": 5, "mac_sliding": 5, "mag": 4, "mal": 4, "no_momentum": 3, "no_forgetting": 3, "lmm": 3, "linear_memory": 2}
+        cost = {"mac": 5, "mac_sliding": 5, "mag": 4, "mal": 4, "no_momentum": 3, "no_forgetting": 3, "lmm": 3,
+                "linear_memory": 2}  # fmt: skip
         jobs.sort(key=lambda job: -cost.get(job[1], 0))
         if args.jobs > 1 and len(jobs) > 1:
             import multiprocessing as mp
