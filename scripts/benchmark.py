@@ -50,6 +50,7 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TITANS_VARIANTS = ("mac", "mag", "mal", "lmm")
 ALL_MODELS = (*TITANS_VARIANTS, "swa", "llama", "titans-pytorch")
+EXTRA_MODELS = ("mac_sliding",)  # by name only: MAC with mac_attention="sliding" (model card D20)
 GIB = 1024**3
 
 # titans-pytorch figures of the anchor document (§2, same CPU class, batch 4): used when it is not measured here
@@ -91,11 +92,12 @@ def build_model(name: str, dims: dict, max_len: int, device: str, attn: str | No
     """Returns (model, family, description). family: 'hf' or 'tp'."""
     import torch
 
-    if name in TITANS_VARIANTS or name == "swa":
+    if name in TITANS_VARIANTS or name in ("swa", *EXTRA_MODELS):
         TitansConfig, TitansForCausalLM, _ = _import_titans(code_dir)
         config = TitansConfig(
-            variant="mag" if name == "swa" else name,
+            variant={"swa": "mag", "mac_sliding": "mac"}.get(name, name),
             memory_layers=[] if name == "swa" else None,
+            **({"mac_attention": "sliding"} if name == "mac_sliding" else {}),
             vocab_size=dims["vocab_size"],
             hidden_size=dims["hidden_size"],
             intermediate_size=dims["intermediate_size"],
@@ -999,7 +1001,8 @@ def parse_args(argv=None):
     p.add_argument("--output", default=os.path.join(ROOT, "results", "benchmark.json"), help="JSON path")
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png); 'none' disables")
     p.add_argument("--quick", action="store_true", help="tiny dims and lengths, 1 warm-up + 2 steps (CI, seconds)")
-    p.add_argument("--models", default=None, help=f"comma list from {','.join(ALL_MODELS)} (default: all)")
+    p.add_argument("--models", default=None, help=f"comma list from {','.join(ALL_MODELS + EXTRA_MODELS)} "
+                   f"(default: all but {','.join(EXTRA_MODELS)})")
     p.add_argument("--with-titans-pytorch", action="store_true", help="include titans-pytorch in --quick")
     p.add_argument("--lengths", default=None, help="training sequence lengths (default 512,1024,2048,4096,8192)")
     p.add_argument("--batch", type=int, default=4)
@@ -1114,9 +1117,9 @@ def main(argv=None) -> int:
     args.code_dir, code_info = snapshot_code(args.code_ref)
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
-        bad = [m for m in models if m not in ALL_MODELS]
+        bad = [m for m in models if m not in ALL_MODELS + EXTRA_MODELS]
         if bad:
-            raise SystemExit(f"unknown model(s) {bad}; choose from {ALL_MODELS}")
+            raise SystemExit(f"unknown model(s) {bad}; choose from {ALL_MODELS + EXTRA_MODELS}")
     else:
         models = [m for m in ALL_MODELS if m != "titans-pytorch" or ((not q) or args.with_titans_pytorch)]
     skipped_models = {}

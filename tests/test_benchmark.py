@@ -156,3 +156,11 @@ def test_benchmark_profile_of_a_mixed_precision_training_step(tmp_path):
         assert data["train"] == [] and data["decode"] == [] and "profile mag:64" in stdout
         casts[dtype] = sum(op["calls"] for op in prof["top_ops"] if op["name"] == "aten::_to_copy")
     assert casts["bfloat16"] > casts["float32"], casts  # deterministic counts: equal without autocast
+
+
+def test_benchmark_extra_model_by_name(tmp_path):
+    """mac_sliding is not in the default set, runs when named, and is MAC with mac_attention="sliding" (D20)."""
+    data, _, _ = run_quick(tmp_path, "--models", "mac_sliding", "--lengths", "64", "--no-decode", "--plot", "none")
+    config = data["models"]["mac_sliding"]["config"]
+    assert config["variant"] == "mac" and config["mac_attention"] == "sliding"
+    check_entries(data, ["mac_sliding"], [64], [])
