@@ -826,14 +826,7 @@ def _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk) -> bo
     if not all(pow2(n) for n in dims) or q.shape[-2] % chunk_size or q.shape[-2] == 0:
         return False
     initial = tensors[2 * depth : -_SEQUENCE_INPUTS]
-    if _triton_key(tensors, depth, chunk_size, activation, initial) in _TRITON_FAILED:
-        return False
-    # the first launch of a configuration compiles it (minutes for forward + backward at d=64, E=128)
-    logger.warning_once(
-        "Titans: the memory scan runs as fused Triton kernels; their first use on a machine compiles them (up to a "
-        "few minutes, then cached on disk by Triton). TITANS_MEMORY_KERNEL=torch uses the PyTorch scan instead."
-    )
-    return True
+    return _triton_key(tensors, depth, chunk_size, activation, initial) not in _TRITON_FAILED
 
 
 if triton is not None:
@@ -1192,6 +1185,11 @@ def _triton_args(depth, layers, placeholder):
 def _triton_scan_forward(weights, momentum, initial, sequence, chunk_size, activation, keep_states):
     """Fused forward scan. Returns (outputs, final weights, final momentum, boundary states or None); the boundary
     states are the (n_chunks + 1, B, H, d_out, d_in) buffers per layer, slot c = state at the start of chunk c."""
+    # the first launch of a configuration compiles it (minutes for forward + backward at d=64, E=128)
+    logger.warning_once(
+        "Titans: the memory scan runs as fused Triton kernels; their first use on a machine compiles them (up to a "
+        "few minutes, then cached on disk by Triton). TITANS_MEMORY_KERNEL=torch uses the PyTorch scan instead."
+    )
     q, k, v, g, n_last, beta, f, m = (t.contiguous() for t in sequence)
     depth, (B, H, T, D) = len(weights), q.shape
     n_chunks = T // chunk_size
@@ -1934,30 +1932,27 @@ class TitansAttention(nn.Module):
             mask = None
             all_key = torch.cat([ctx_key[:, :, -lookback:], key[:, :, -seen:]], dim=2)
             all_value = torch.cat([ctx_value[:, :, -lookback:], value[:, :, -seen:]], dim=2)
-        elif self.segment and flex:
-            mask = titans_mask_function(
-                positions, kv_pos, num_cached, n_p, context=True, lookback=self.config.num_memory_tokens,
-                **self.mac_reach,
-            )  # fmt: skip
-            all_key, all_value = torch.cat([ctx_key, key], dim=2), torch.cat([ctx_value, value], dim=2)
         elif self.segment:
-            mask = titans_attention_mask(positions, kv_pos, num_cached, 0, **self.mac_reach)
-            ctx_mask = titans_attention_mask(
-                positions, kv_pos, num_cached, 0, lookback=self.config.num_memory_tokens, **self.mac_reach
-            )
-            ctx_mask &= (positions >= 0)[:, None, :, None]
-            mask = torch.cat([mask.new_ones(bsz, 1, q_len, n_p), ctx_mask, mask], dim=-1)
+            lookback = self.config.num_memory_tokens
+            if flex:
+                mask = titans_mask_function(
+                    positions, kv_pos, num_cached, n_p, context=True, lookback=lookback, **self.mac_reach
+                )
+            else:
+                mask = titans_attention_mask(positions, kv_pos, num_cached, 0, **self.mac_reach)
+                ctx_mask = titans_attention_mask(positions, kv_pos, num_cached, 0, lookback=lookback, **self.mac_reach)
+                ctx_mask &= (positions >= 0)[:, None, :, None]
+                mask = torch.cat([mask.new_ones(bsz, 1, q_len, n_p), ctx_mask, mask], dim=-1)
             all_key, all_value = torch.cat([ctx_key, key], dim=2), torch.cat([ctx_value, value], dim=2)
         elif q_len > 2 * self.window and not flex:  # flex: a block mask skips the blocks outside the window
             query, all_key, all_value, mask = self._window_blocks(query, key, value, positions, kv_pos, num_cached, n_p)
             blocked = True
         elif one_token:  # every cached key is visible
             mask, all_key, all_value = None, key, value
-        elif flex:
-            mask = titans_mask_function(positions, kv_pos, num_cached, n_p, window=self.window)
-            all_key, all_value = key, value
-        else:
-            mask = titans_attention_mask(positions, kv_pos, num_cached, n_p, window=self.window)
+        else:  # flex: the mask as a function of the positions, for its BlockMask
+            mask = (titans_mask_function if flex else titans_attention_mask)(
+                positions, kv_pos, num_cached, n_p, window=self.window
+            )
             all_key, all_value = key, value
 
         if layer_cache is not None:

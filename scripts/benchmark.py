@@ -51,6 +51,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TITANS_VARIANTS = ("mac", "mag", "mal", "lmm")
 ALL_MODELS = (*TITANS_VARIANTS, "swa", "llama", "titans-pytorch")
 EXTRA_MODELS = ("mac_sliding",)  # by name only: MAC with mac_attention="sliding" (model card D20)
+# TitansConfig fields of the Titans-built models that are not a variant of their own name
+TITANS_OVERRIDES = {
+    "swa": dict(variant="mag", memory_layers=[]),
+    "mac_sliding": dict(variant="mac", mac_attention="sliding"),
+}
 GIB = 1024**3
 
 # titans-pytorch figures of the anchor document (§2, same CPU class, batch 4): used when it is not measured here
@@ -92,12 +97,10 @@ def build_model(name: str, dims: dict, max_len: int, device: str, attn: str | No
     """Returns (model, family, description). family: 'hf' or 'tp'."""
     import torch
 
-    if name in TITANS_VARIANTS or name in ("swa", *EXTRA_MODELS):
+    if name in TITANS_VARIANTS or name in TITANS_OVERRIDES:
         TitansConfig, TitansForCausalLM, _ = _import_titans(code_dir)
         config = TitansConfig(
-            variant={"swa": "mag", "mac_sliding": "mac"}.get(name, name),
-            memory_layers=[] if name == "swa" else None,
-            **({"mac_attention": "sliding"} if name == "mac_sliding" else {}),
+            **TITANS_OVERRIDES.get(name, dict(variant=name)),
             vocab_size=dims["vocab_size"],
             hidden_size=dims["hidden_size"],
             intermediate_size=dims["intermediate_size"],

@@ -81,10 +81,11 @@ stage kernel ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/bench
 stage flex ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
     --models "${FLEX_MODELS:-swa,mag}" --titans-attn flex_attention \
     --note "${BENCH_NOTE:-gpu_checks.sh} fused memory kernels, flex attention" --output "$OUT/benchmark_gpu_flex.json"
+PROFILE_MODELS=${PROFILE_MODELS:-llama swa mag}
 PROFILE_ARGS=()
-for m in ${PROFILE_MODELS:-llama swa mag}; do PROFILE_ARGS+=(--profile "$m:4096"); done
+for m in $PROFILE_MODELS; do PROFILE_ARGS+=(--profile "$m:4096"); done
 stage profile ${BENCH_LIMIT:-300} $PY scripts/benchmark.py --device "${BENCH_DEVICE:-cuda}" --dtype bfloat16 \
-    --models "$(echo ${PROFILE_MODELS:-llama swa mag} | tr ' ' ,)" --no-train --no-decode "${PROFILE_ARGS[@]}" \
+    --models "$(echo $PROFILE_MODELS | tr ' ' ,)" --no-train --no-decode "${PROFILE_ARGS[@]}" \
     --profile-rows 30 --isolation model --code-ref worktree --timeout 240 --plot none \
     --note "${BENCH_NOTE:-gpu_checks.sh} profiles" --output "$OUT/benchmark_gpu_profile.json"
 stage chunkc ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
