@@ -228,6 +228,55 @@ def _amp(spec):
     return torch.autocast(spec["device"].split(":")[0], dtype=getattr(torch, spec["dtype"]))
 
 
+_CPU_SDPA_FLOPS_REGISTERED = False
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """torch's FlopCounterMode knows the CUDA sdpa kernels but not the CPU flash kernel that sdpa dispatches to here:
+    count it with torch's own sdpa formulas (dense: every query x key product, masks and causality not subtracted,
+    as torch counts the CUDA kernels)."""
+    global _CPU_SDPA_FLOPS_REGISTERED
+    import torch
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    if _CPU_SDPA_FLOPS_REGISTERED or aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    _CPU_SDPA_FLOPS_REGISTERED = True
+
+
+def count_step_flops(step) -> dict:
+    """Floating-point operations of one call of `step` (a training step: forward + backward), counted per aten op by
+    torch.utils.flop_counter (matmuls and attention; elementwise work is not counted). The Titans memory runs its
+    PyTorch scan for the count (TITANS_MEMORY_KERNEL=torch): compiled graphs and Triton kernels are invisible to the
+    counter, and they do the same matmuls."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_flops()
+    saved = os.environ.get("TITANS_MEMORY_KERNEL")
+    os.environ["TITANS_MEMORY_KERNEL"] = "torch"
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+    finally:
+        if saved is None:
+            os.environ.pop("TITANS_MEMORY_KERNEL", None)
+        else:
+            os.environ["TITANS_MEMORY_KERNEL"] = saved
+    by_op = {str(op).split(".", 1)[-1]: int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return {"flops": int(counter.get_total_flops()), "flops_by_op": by_op}
+
+
 def task_train(model, family, spec, task, emit):
     import torch
 
@@ -294,6 +343,10 @@ def task_train(model, family, spec, task, emit):
         peak_rss_bytes=_peak_rss_bytes(),
         **_gpu_mem(device),
     )
+    if task.get("flops"):  # after the figures above: the counted step is neither timed nor in the peak memory
+        res.update(count_step_flops(step))
+        res["flops_per_token"] = res["flops"] / (batch * L)
+        res["achieved_flops_per_s"] = res["flops"] / med
     return res
 
 
@@ -807,8 +860,14 @@ def summarize(data) -> dict:
     ctx_s, ctx_l = (min(contexts), max(contexts)) if contexts else (None, None)
     rows = []
 
-    def add(group, name, value, target=None, ok=None, note=""):
-        rows.append(dict(group=group, name=name, value=value, target=target, passed=ok, note=note))
+    def add(group, name, value, target=None, ok=None, note="", flop_bound=None):
+        rows.append(dict(group=group, name=name, value=value, target=target, passed=ok, note=note,
+                         flop_bound=flop_bound))
+
+    def bound(a, b, L):
+        """--flops: the tok/s ratio a / b at equal FLOP/s, i.e. b's counted FLOPs per token over a's."""
+        fa, fb = _get(train, a, "length", L, "flops_per_token"), _get(train, b, "length", L, "flops_per_token")
+        return fb / fa if fa and fb else None
 
     cpu = data["plan"]["device"] == "cpu"  # the titans-pytorch, RSS and decode targets are CPU targets
     for m in titans if lengths and ("titans-pytorch" in models or cpu) else []:
@@ -816,7 +875,7 @@ def summarize(data) -> dict:
             mine, tp = _get(train, m, "length", L), _get(train, "titans-pytorch", "length", L)
             r = mine / tp if mine and tp else None
             add("train vs titans-pytorch", f"{m} / titans-pytorch tok/s @ 4x{L}", r, f">= {need:g}",
-                None if r is None else r >= need)
+                None if r is None else r >= need, flop_bound=bound(m, "titans-pytorch", L))
             anchor = ANCHOR_TP_TOKENS_PER_S.get(L) if data["plan"]["device"] == "cpu" else None  # CPU numbers
             if mine and anchor:
                 add("train vs titans-pytorch", f"{m} / anchor-doc titans-pytorch ({anchor:g}) @ 4x{L}", mine / anchor,
@@ -831,7 +890,7 @@ def summarize(data) -> dict:
         a, b = _get(train, m, "length", short), _get(train, "swa", "length", short)
         r = a / b if a and b else None
         add("vs memory disabled", f"{m} / swa (memory_layers=[]) tok/s @ 4x{short}", r, ">= 0.5",
-            None if r is None else r >= 0.5)
+            None if r is None else r >= 0.5, flop_bound=bound(m, "swa", short))
     if data["plan"]["device"].startswith("cuda") and "llama" in models:
         gpu_targets = {4096: 0.7, 32768: 1.0}  # the issue's GPU targets (Llama with FlashAttention/SDPA)
         for m in titans + (["swa"] if "swa" in models else []):
@@ -840,7 +899,8 @@ def summarize(data) -> dict:
                 r = a / b if a and b else None
                 need = gpu_targets.get(L) if m in TITANS_VARIANTS else None
                 add("GPU train vs Llama", f"{m} / llama tok/s @ {data['plan']['batch']}x{L}", r,
-                    None if need is None else f">= {need:g}", None if (r is None or need is None) else r >= need)
+                    None if need is None else f">= {need:g}", None if (r is None or need is None) else r >= need,
+                    flop_bound=bound(m, "llama", L))
     for m in models if lengths else []:
         rss = _get(train, m, "length", mid, "peak_rss_bytes")
         gib = rss / GIB if rss else None
@@ -899,6 +959,17 @@ def format_tables(data) -> str:
             else:
                 cells.append(str(e.get("status", "?")).split(" ")[0])
         lines.append(f"{m:<15}{(p or 0) / 1e6:>9.2f}M" + "".join(f"{c:>20}" for c in cells))
+    if plan.get("flops") and plan["lengths"]:
+        lines.append("\nTraining FLOPs (one step, matmuls and attention, torch.utils.flop_counter): "
+                     "MFLOP per token | achieved GFLOP/s")
+        lines.append(head)
+        for m in plan["models"]:
+            cells = []
+            for L in plan["lengths"]:
+                e = next((e for e in data["train"] if e["model"] == m and e["length"] == L), None)
+                ok = e is not None and e.get("status") == "ok" and "flops" in e
+                cells.append(f"{e['flops_per_token'] / 1e6:.2f} | {e['achieved_flops_per_s'] / 1e9:.1f}" if ok else "-")
+            lines.append(f"{m:<15}{'':>10}" + "".join(f"{c:>20}" for c in cells))
     if plan["decode_contexts"]:
         mode = ", torch.inference_mode" if plan.get("inference_mode") else ""
         mode += rounds
@@ -921,7 +992,11 @@ def format_tables(data) -> str:
         verdict = "" if r["passed"] is None else ("PASS" if r["passed"] else "FAIL")
         tgt = r["target"] or ""
         note = f"  ({r['note']})" if r["note"] else ""
+        if r.get("flop_bound") is not None:
+            note = f"  [FLOP bound {r['flop_bound']:.3f}]" + note
         lines.append(f"  {r['name']:<72}{v:>9}  {tgt:<10}{verdict}{note}")
+    if plan.get("flops"):
+        lines.append("  FLOP bound: the ratio at equal FLOP/s (the other model's counted FLOPs per token over this one's)")
     if data["plan"].get("quick"):
         lines.append("  (--quick: tiny dims and lengths; the targets are meant for the full run)")
     return "\n".join(lines)
@@ -1035,6 +1110,10 @@ def parse_args(argv=None):
     p.add_argument("--inference-mode", action="store_true",
                    help="decode under torch.inference_mode() instead of torch.no_grad() (every model, titans-pytorch "
                         "included)")
+    p.add_argument("--flops", action="store_true",
+                   help="also count the floating-point operations of one training step per point (matmuls and "
+                        "attention, torch.utils.flop_counter, the memory's PyTorch scan), and report the achieved "
+                        "FLOP/s and the FLOP bound of each throughput ratio")
     p.add_argument("--profile", action="append", default=[],
                    help="MODEL:LEN (one training step) or MODEL:decode:CTX (--profile-decode-steps cached decode steps "
                         "after a CTX-token prefill): a torch.profiler table, stored in the JSON; repeatable")
@@ -1154,7 +1233,7 @@ def main(argv=None) -> int:
                      capped_steps=args.capped_steps, isolation=isolation, device=args.device, quick=q, dims=dims,
                      tp_max_train_len=args.tp_max_train_len, timeout_s=args.timeout, max_rss_gib=args.max_rss_gib,
                      max_position_embeddings=max_len, dtype=args.dtype,
-                     titans_attn=args.titans_attn, inference_mode=args.inference_mode, rounds=args.rounds,
+                     titans_attn=args.titans_attn, inference_mode=args.inference_mode, rounds=args.rounds, flops=args.flops,
                      memory_kernel=os.environ.get("TITANS_MEMORY_KERNEL", "auto")),  # fmt: skip
         "method": {
             "train": "tokens/s = batch*length / median(step), step = forward (loss on all positions) + backward, "
@@ -1204,7 +1283,8 @@ def main(argv=None) -> int:
 
     def train_task(m, L):
         return dict(kind="train", length=L, batch=args.batch, warmup=warmup, min_steps=min_steps, max_steps=max_steps,
-                    step_budget_s=args.step_budget_s, slow_step_s=args.slow_step_s, capped_steps=args.capped_steps)
+                    step_budget_s=args.step_budget_s, slow_step_s=args.slow_step_s, capped_steps=args.capped_steps,
+                    flops=args.flops)
 
     def decode_task(m, C):
         return dict(kind="decode", context=C, steps=decode_steps, warmup_steps=decode_warmup, repeats=decode_repeats,
@@ -1246,8 +1326,10 @@ def main(argv=None) -> int:
             absorb(payload, record)
             for res in payload["results"]:
                 if res.get("status") == "ok" and res["kind"] == "train":
+                    flops = (f", {res['flops'] / 1e9:.1f} GFLOP/step at {res['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s"
+                             if "flops" in res else "")
                     log(f"    train {res['length']}: {res['tokens_per_s']:.0f} tok/s, step {res['median_step_s']:.2f} s "
-                        f"(steps {', '.join(f'{s:.2f}' for s in res['steps_s'])}), RSS {res['peak_rss_gib']:.2f} GiB")
+                        f"(steps {', '.join(f'{s:.2f}' for s in res['steps_s'])}), RSS {res['peak_rss_gib']:.2f} GiB{flops}")
                 elif res.get("status") == "ok" and res["kind"] == "decode":
                     log(f"    decode ctx {res['context']}: {res['tokens_per_s']:.1f} tok/s, prefill {res['prefill_s']:.2f} s, "
                         f"RSS {res['peak_rss_gib']:.2f} GiB")

@@ -164,3 +164,65 @@ def test_benchmark_extra_model_by_name(tmp_path):
     config = data["models"]["mac_sliding"]["config"]
     assert config["variant"] == "mac" and config["mac_attention"] == "sliding"
     check_entries(data, ["mac_sliding"], [64], [])
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("titans_benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_sdpa_flops_are_those_of_the_math_path(monkeypatch):
+    """The CPU flash kernel's registered count equals the matmuls of sdpa's math path for the same call (QKᵀ and PV),
+    and its backward is counted with torch's sdpa backward formula."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    bench = _load_benchmark()
+    q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
+    counts = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(backend):
+            counts[backend] = bench.count_step_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    flash, math = counts[SDPBackend.FLASH_ATTENTION], counts[SDPBackend.MATH]
+    assert "_scaled_dot_product_flash_attention_for_cpu" in flash["flops_by_op"], flash
+    assert flash["flops"] == math["flops"] == 2 * 2 * (2 * 3) * 40 * 40 * 16, (flash, math)
+    qg = q.clone().requires_grad_()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        counted = bench.count_step_flops(lambda: torch.nn.functional.scaled_dot_product_attention(qg, k, v).sum().backward())
+    assert counted["flops_by_op"]["_scaled_dot_product_flash_attention_for_cpu_backward"] == sdpa_backward_flop_count(
+        q.shape, q.shape, k.shape, v.shape
+    )
+    # the count runs the memory's PyTorch scan (the counter cannot see compiled or Triton kernels), then restores
+    monkeypatch.setenv("TITANS_MEMORY_KERNEL", "compile")
+    seen = []
+    bench.count_step_flops(lambda: seen.append(os.environ["TITANS_MEMORY_KERNEL"]))
+    assert seen == ["torch"] and os.environ["TITANS_MEMORY_KERNEL"] == "compile"
+
+
+def test_benchmark_flops(tmp_path):
+    """--flops: Llama's matmuls are exactly 6 x (linear parameters) x tokens (2 forward, 4 backward), its attention
+    grows with the square of the length, the Titans models' counts are affine in the length (window attention,
+    chunked memory, plus the persistent tokens' projections once per step), and every throughput ratio gets its FLOP
+    bound."""
+    data, stdout, _ = run_quick(tmp_path, "--models", "mag,swa,llama", "--lengths", "64,128,192", "--no-decode", "--flops",
+                                "--plot", "none")  # fmt: skip
+    dims, batch = data["plan"]["dims"], data["plan"]["batch"]
+    e = {(r["model"], r["length"]): r for r in data["train"]}
+    h, i, heads, hd, vocab = (dims[k] for k in ("hidden_size", "intermediate_size", "num_heads", "head_dim", "vocab_size"))
+    linear = dims["num_layers"] * (4 * h * heads * hd + 3 * h * i) + h * vocab  # q, k, v, o, MLP; lm_head
+    for L in (64, 128, 192):
+        assert e["llama", L]["flops_by_op"]["mm"] == 6 * linear * batch * L
+        assert e["llama", L]["flops"] > e["llama", L]["flops_by_op"]["mm"]  # + attention
+    attention = lambda L: e["llama", L]["flops"] - e["llama", L]["flops_by_op"]["mm"]  # noqa: E731
+    assert attention(128) == 4 * attention(64) and attention(192) == 9 * attention(64)
+    for m in ("mag", "swa"):
+        assert e[m, 192]["flops"] - e[m, 128]["flops"] == e[m, 128]["flops"] - e[m, 64]["flops"], m
+        assert e[m, 64]["flops_per_token"] == e[m, 64]["flops"] / (batch * 64)
+        assert e[m, 64]["achieved_flops_per_s"] > 0
+    assert e["mag", 64]["flops_by_op"]["bmm"] > 100 * e["swa", 64]["flops_by_op"].get("bmm", 1)  # the memory's scan
+    (row,) = [r for r in data["summary"]["rows"] if r["name"].startswith("mag / swa")]
+    assert row["flop_bound"] == e["swa", 64]["flops_per_token"] / e["mag", 64]["flops_per_token"]
+    assert "Training FLOPs" in stdout and "[FLOP bound" in stdout
