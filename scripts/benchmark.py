@@ -26,7 +26,9 @@ table of ratios with pass/fail against the targets of the "Speed and memory" iss
     .venv/bin/python scripts/benchmark.py --models mag,swa --lengths 1024 --decode-contexts 128
     .venv/bin/python scripts/benchmark.py --models mag --lengths 4096 --no-decode --profile mag:4096
 
-`--profile MODEL:LEN` adds a torch.profiler table (self CPU time) of one training step of MODEL at LEN.
+`--profile MODEL:LEN` adds a torch.profiler table (self CPU time) of one training step of MODEL at LEN. `--flops`
+counts the FLOPs of one (untimed) training step per point, and prints each model's achieved FLOP/s and, beside every
+throughput ratio, its FLOP bound: the ratio that equal FLOP/s would give.
 """
 
 from __future__ import annotations
