@@ -230,19 +230,15 @@ def _amp(spec):
     return torch.autocast(spec["device"].split(":")[0], dtype=getattr(torch, spec["dtype"]))
 
 
-_CPU_SDPA_FLOPS_REGISTERED = False
-
-
 def _register_cpu_sdpa_flops() -> None:
     """torch's FlopCounterMode knows the CUDA sdpa kernels but not the CPU flash kernel that sdpa dispatches to here:
     count it with torch's own sdpa formulas (dense: every query x key product, masks and causality not subtracted,
-    as torch counts the CUDA kernels)."""
-    global _CPU_SDPA_FLOPS_REGISTERED
+    as torch counts the CUDA kernels). Once per process (torch refuses a second registration)."""
     import torch
     from torch.utils import flop_counter as fc
 
     aten = torch.ops.aten
-    if _CPU_SDPA_FLOPS_REGISTERED or aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
+    if aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
         return
 
     @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
@@ -252,8 +248,6 @@ def _register_cpu_sdpa_flops() -> None:
     @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
     def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
         return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-    _CPU_SDPA_FLOPS_REGISTERED = True
 
 
 def count_step_flops(step) -> dict:
