@@ -44,7 +44,7 @@ KERNEL_MODELS=${KERNEL_MODELS:-llama,swa,mag,lmm}
 BENCH_LENGTHS=${BENCH_LENGTHS:-4096,32768}
 BENCH_ARGS=(--device "${BENCH_DEVICE:-cuda}" --dtype bfloat16 --lengths "$BENCH_LENGTHS" --no-decode --isolation model
     --code-ref worktree --warmup 1 --min-steps 3 --max-steps 5 --step-budget-s 6 --slow-step-s 8 --capped-steps 1
-    --timeout 240 --plot none)
+    --timeout 240 --plot none --flops)  # --flops: each point's FLOPs, achieved FLOP/s and each ratio's FLOP bound
 
 declare -A STAGE_LIMIT STAGE_CMD
 stage() {  # records a stage; they run below, in the order of $STAGES
