@@ -255,20 +255,14 @@ def count_step_flops(step) -> dict:
     torch.utils.flop_counter (matmuls and attention; elementwise work is not counted). The Titans memory runs its
     PyTorch scan for the count (TITANS_MEMORY_KERNEL=torch): compiled graphs and Triton kernels are invisible to the
     counter, and they do the same matmuls."""
+    from unittest import mock
+
     from torch.utils.flop_counter import FlopCounterMode
 
     _register_cpu_sdpa_flops()
-    saved = os.environ.get("TITANS_MEMORY_KERNEL")
-    os.environ["TITANS_MEMORY_KERNEL"] = "torch"
-    try:
-        counter = FlopCounterMode(display=False)
-        with counter:
-            step()
-    finally:
-        if saved is None:
-            os.environ.pop("TITANS_MEMORY_KERNEL", None)
-        else:
-            os.environ["TITANS_MEMORY_KERNEL"] = saved
+    counter = FlopCounterMode(display=False)
+    with mock.patch.dict(os.environ, {"TITANS_MEMORY_KERNEL": "torch"}), counter:  # restores the environment after
+        step()
     by_op = {str(op).split(".", 1)[-1]: int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return {"flops": int(counter.get_total_flops()), "flops_by_op": by_op}
 
@@ -962,9 +956,9 @@ def format_tables(data) -> str:
         for m in plan["models"]:
             cells = []
             for L in plan["lengths"]:
-                e = next((e for e in data["train"] if e["model"] == m and e["length"] == L), None)
-                ok = e is not None and e.get("status") == "ok" and "flops" in e
-                cells.append(f"{e['flops_per_token'] / 1e6:.2f} | {e['achieved_flops_per_s'] / 1e9:.1f}" if ok else "-")
+                fields = ("flops_per_token", "achieved_flops_per_s")
+                per_token, rate = (_get(data["train"], m, "length", L, f) for f in fields)
+                cells.append(f"{per_token / 1e6:.2f} | {rate / 1e9:.1f}" if per_token else "-")
             lines.append(f"{m:<15}{'':>10}" + "".join(f"{c:>20}" for c in cells))
     if plan["decode_contexts"]:
         mode = ", torch.inference_mode" if plan.get("inference_mode") else ""
