@@ -848,6 +848,7 @@ def summarize(data) -> dict:
     mid = 4096 if 4096 in lengths else max(lengths, default=None)
     long_ = 8192 if 8192 in lengths else max(lengths, default=None)
     ctx_s, ctx_l = (min(contexts), max(contexts)) if contexts else (None, None)
+    bx = f"{data['plan'].get('batch', 4)}x"  # the rows name batch x length (the targets are at batch 4)
     rows = []
 
     def add(group, name, value, target=None, ok=None, note="", flop_bound=None):
@@ -866,11 +867,11 @@ def summarize(data) -> dict:
         for L, need in vs_tp.items():
             mine, tp = _get(train, m, "length", L), _get(train, "titans-pytorch", "length", L)
             r = mine / tp if mine and tp else None
-            add("train vs titans-pytorch", f"{m} / titans-pytorch tok/s @ 4x{L}", r, f">= {need:g}",
+            add("train vs titans-pytorch", f"{m} / titans-pytorch tok/s @ {bx}{L}", r, f">= {need:g}",
                 None if r is None else r >= need, flop_bound=bound(m, "titans-pytorch", L))
             anchor = ANCHOR_TP_TOKENS_PER_S.get(L) if data["plan"]["device"] == "cpu" else None  # CPU numbers
             if mine and anchor:
-                add("train vs titans-pytorch", f"{m} / anchor-doc titans-pytorch ({anchor:g}) @ 4x{L}", mine / anchor,
+                add("train vs titans-pytorch", f"{m} / anchor-doc titans-pytorch ({anchor:g}) @ {bx}{L}", mine / anchor,
                     f">= {need:g}", mine / anchor >= need, "anchor-doc number, other run")
     for m in models if long_ != short else []:
         a, b = _get(train, m, "length", long_), _get(train, m, "length", short)
@@ -881,7 +882,7 @@ def summarize(data) -> dict:
     for m in titans if lengths else []:
         a, b = _get(train, m, "length", short), _get(train, "swa", "length", short)
         r = a / b if a and b else None
-        add("vs memory disabled", f"{m} / swa (memory_layers=[]) tok/s @ 4x{short}", r, ">= 0.5",
+        add("vs memory disabled", f"{m} / swa (memory_layers=[]) tok/s @ {bx}{short}", r, ">= 0.5",
             None if r is None else r >= 0.5, flop_bound=bound(m, "swa", short))
     if data["plan"]["device"].startswith("cuda") and "llama" in models:
         gpu_targets = {4096: 0.7, 32768: 1.0}  # the GPU targets (Llama with FlashAttention/SDPA)
@@ -897,10 +898,10 @@ def summarize(data) -> dict:
         rss = _get(train, m, "length", mid, "peak_rss_bytes")
         gib = rss / GIB if rss else None
         tgt = "<= 3 GiB" if m in TITANS_VARIANTS and cpu else None
-        add("peak memory", f"{m} peak RSS (GiB) @ 4x{mid}", gib, tgt, None if (gib is None or tgt is None) else gib <= 3.0)
+        add("peak memory", f"{m} peak RSS (GiB) @ {bx}{mid}", gib, tgt, None if (gib is None or tgt is None) else gib <= 3.0)
         gpu = _get(train, m, "length", mid, "peak_gpu_allocated_bytes")
         if gpu:
-            add("peak memory", f"{m} peak GPU allocated (GiB) @ 4x{mid}", gpu / GIB)
+            add("peak memory", f"{m} peak GPU allocated (GiB) @ {bx}{mid}", gpu / GIB)
     if contexts:
         for m in titans:
             for C in contexts:

@@ -10,6 +10,8 @@
 #             and 32k, with TITANS_MEMORY_KERNEL=$BENCH_KERNEL (default torch: the PyTorch chunk loop, the baseline)
 #   kernel    the same benchmark with TITANS_MEMORY_KERNEL=auto (fused kernels) and --titans-attn $KERNEL_ATTN
 #   flex      the fused kernels again with --titans-attn flex_attention (block-sparse sliding window) for $FLEX_MODELS
+#   large     (only when named) the kernel benchmark at a GPU-sized width ($LARGE_DIMS: hidden 1024, 16 attention and
+#             16 memory heads, batch 8) for $LARGE_MODELS
 #   profile   torch.profiler tables (CUDA kernel time) of one bf16 training step at 4 x 4,096 for $PROFILE_MODELS
 #   chunkc    the same benchmark with TITANS_MEMORY_KERNEL=compile (each chunk through inductor: fewer, fused launches)
 #   fsdp      FSDP2 through Trainer (torchrun, --fsdp, --bf16) for a few steps
@@ -81,6 +83,12 @@ stage kernel ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/bench
 stage flex ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
     --models "${FLEX_MODELS:-swa,mag}" --titans-attn flex_attention \
     --note "${BENCH_NOTE:-gpu_checks.sh} fused memory kernels, flex attention" --output "$OUT/benchmark_gpu_flex.json"
+# a GPU-sized model: the anchor width gives 16 (batch row, memory head) programs for 132 multiprocessors and Llama
+# matmuls too small to load the GPU; this one gives 8 x 16 = 128 programs, with Llama of the same width beside it
+read -r -a LARGE_DIMS <<<"${LARGE_DIMS:---hidden-size 1024 --num-heads 16 --intermediate-size 2816 --memory-heads 16 --batch 8}"
+stage large ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" "${LARGE_DIMS[@]}" \
+    --models "${LARGE_MODELS:-llama,swa,mag,lmm}" \
+    --note "${BENCH_NOTE:-gpu_checks.sh} fused memory kernels, GPU-sized model" --output "$OUT/benchmark_gpu_large.json"
 PROFILE_MODELS=${PROFILE_MODELS:-llama swa mag}
 PROFILE_ARGS=()
 for m in $PROFILE_MODELS; do PROFILE_ARGS+=(--profile "$m:4096"); done
