@@ -243,3 +243,19 @@ def test_titans_pytorch_targets_follow_the_measured_lengths(lengths, expected):
     rows = [r for r in bench.summarize(data)["rows"] if r["name"].startswith("mac / titans-pytorch")]
     assert [(int(r["name"].rsplit("x", 1)[1]), r["target"]) for r in rows] == list(expected.items())
     assert all(r["value"] == pytest.approx(8.0) and r["passed"] == (r["target"] == ">= 5") for r in rows)
+
+
+def test_anchor_document_figures_only_at_the_anchor_size():
+    """The anchor document's titans-pytorch tok/s were measured at the anchor dimensions and batch 4: a run at another
+    width or batch is not compared with them (it printed mag / anchor-doc titans-pytorch at hidden 1024, batch 1)."""
+    bench = _load_benchmark()
+
+    def anchor_rows(dims, batch):
+        data = dict(plan=dict(lengths=[1024], batch=batch, decode_contexts=[128], models=["mag"], device="cpu", dims=dims),
+                    train=[dict(model="mag", length=1024, status="ok", tokens_per_s=3000.0)],
+                    decode=[dict(model="mag", context=128, status="ok", tokens_per_s=200.0)], decode_interleaved=[])  # fmt: skip
+        return [r["name"] for r in bench.summarize(data)["rows"] if "anchor-doc" in r["name"]]
+
+    assert len(anchor_rows(bench.FULL_DIMS, 4)) == 2  # training at 1,024 and decoding at context 128
+    assert anchor_rows(dict(bench.FULL_DIMS, hidden_size=1024), 4) == []
+    assert anchor_rows(bench.FULL_DIMS, 1) == [r for r in anchor_rows(bench.FULL_DIMS, 4) if "decode" in r]
