@@ -120,14 +120,14 @@ def _position_wise(fn, *xs):
 
 
 # Training on long CPU inputs fragments glibc's heap: many tensors kept for the backward are 256-512 KB (MAC: a
-# segment's activations, a memory state), allocated between temporaries of the same sizes, and the heap cannot hand
-# the holes between them back. At 4 x 4,096 tokens (anchor dims) MAC held ~1.1 GiB more than was alive (results/speed_log.md,
-# "Why MAC missed the RSS target"). Returning the free heap pages to the OS (malloc_trim) after each decoder layer, and in MAC
-# every `_TRIM_SEGMENTS` segments, removes that. It costs page faults when the pages are reused, so it runs only on
-# inputs of at least `_TRIM_MIN_ELEMENTS` elements, where the holes matter. Measured in-process at anchor dims (MAC,
-# per segment): peak RSS at 4 x 4,096 3.79 -> 2.86 GiB with no slowdown there (5 % slower at 4 x 8,192), but 4 %
-# slower at 4 x 2,048 and 6 % at 4 x 1,024, hence the size bound; per layer, compiled MAG at 4 x 4,096: 3.22 ->
-# 2.88 GiB, no slowdown. TITANS_MALLOC_TRIM=0 turns it off.
+# segment's activations, a memory state), allocated between temporaries of the same sizes, and the heap cannot hand the
+# holes between them back. At 4 x 4,096 tokens (anchor dims) MAC held ~1.1 GiB more than was alive
+# (results/speed_log.md, "Why MAC missed the RSS target"). Returning the free heap pages to the OS (malloc_trim) after
+# each decoder layer, and in MAC every `_TRIM_SEGMENTS` segments, removes that. It costs page faults when the pages are
+# reused, so it runs only on inputs of at least `_TRIM_MIN_ELEMENTS` elements, where the holes matter. Measured
+# in-process at anchor dims (MAC, per segment): peak RSS at 4 x 4,096 3.79 -> 2.86 GiB with no slowdown there (5 %
+# slower at 4 x 8,192), but 4 % slower at 4 x 2,048 and 6 % at 4 x 1,024, hence the size bound; per layer, compiled MAG
+# at 4 x 4,096: 3.22 -> 2.88 GiB, no slowdown. TITANS_MALLOC_TRIM=0 turns it off.
 _TRIM_SEGMENTS, _TRIM_MIN_ELEMENTS = 16, 1 << 22
 
 
