@@ -899,7 +899,7 @@ def summarize(data) -> dict:
     for m in models if lengths else []:
         rss = _get(train, m, "length", mid, "peak_rss_bytes")
         gib = rss / GIB if rss else None
-        tgt = "<= 3 GiB" if m in TITANS_VARIANTS and cpu else None
+        tgt = "<= 3 GiB" if m in TITANS_VARIANTS and anchor_cpu else None  # a target at the anchor size
         add("peak memory", f"{m} peak RSS (GiB) @ {bx}{mid}", gib, tgt, None if (gib is None or tgt is None) else gib <= 3.0)
         gpu = _get(train, m, "length", mid, "peak_gpu_allocated_bytes")
         if gpu:

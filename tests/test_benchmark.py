@@ -247,7 +247,8 @@ def test_titans_pytorch_targets_follow_the_measured_lengths(lengths, expected):
 
 def test_anchor_document_figures_only_at_the_anchor_size():
     """The anchor document's titans-pytorch tok/s were measured at the anchor dimensions and batch 4: a run at another
-    width or batch is not compared with them (it printed mag / anchor-doc titans-pytorch at hidden 1024, batch 1)."""
+    width or batch is not compared with them (it printed mag / anchor-doc titans-pytorch at hidden 1024, batch 1), nor
+    judged against the RSS target."""
     bench = _load_benchmark()
 
     def anchor_rows(dims, batch):
@@ -257,5 +258,12 @@ def test_anchor_document_figures_only_at_the_anchor_size():
         return [r["name"] for r in bench.summarize(data)["rows"] if "anchor-doc" in r["name"]]
 
     assert len(anchor_rows(bench.FULL_DIMS, 4)) == 2  # training at 1,024 and decoding at context 128
+    # so is the RSS target (<= 3 GiB at the anchor size): a wider model is not judged against it
+    train = [dict(model="mag", length=4096, status="ok", tokens_per_s=1.0, peak_rss_bytes=3.5 * 1024**3)]
+    for dims, target in ((bench.FULL_DIMS, "<= 3 GiB"), (dict(bench.FULL_DIMS, hidden_size=1024), None)):
+        data = dict(plan=dict(lengths=[4096], batch=4, decode_contexts=[], models=["mag"], device="cpu", dims=dims),
+                    train=train, decode=[], decode_interleaved=[])  # fmt: skip
+        (row,) = [r for r in bench.summarize(data)["rows"] if "peak RSS" in r["name"]]
+        assert row["target"] == target and row["passed"] is (False if target else None)
     assert anchor_rows(dict(bench.FULL_DIMS, hidden_size=1024), 4) == []
     assert anchor_rows(bench.FULL_DIMS, 1) == [r for r in anchor_rows(bench.FULL_DIMS, 4) if "decode" in r]
