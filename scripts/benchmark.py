@@ -1,9 +1,9 @@
 # Copyright 2026 The Titans-HF authors. Apache-2.0.
 """Speed and memory benchmark: Titans (MAC/MAG/MAL/LMM) vs memory-disabled Titans vs Llama vs titans-pytorch.
 
-In one run, on the same dimensions (the anchor configuration of /work/shared/design/anchor-titans-pytorch.md §2:
-vocab 256, hidden 256, 2 layers, 4 heads x 64, window/segment 64, 4 persistent tokens, memory 4 heads x 64,
-memory chunk 64), it measures
+In one run, on the same dimensions (the anchor configuration of the design note anchor-titans-pytorch.md §2, in
+../shared/design beside the repository: vocab 256, hidden 256, 2 layers, 4 heads x 64, window/segment 64,
+4 persistent tokens, memory 4 heads x 64, memory chunk 64), it measures
 
 * training throughput: tokens/s of one forward+backward at batch 4 (loss on every position, no optimiser step),
   and peak memory (CPU: `ru_maxrss` of the child process that did the measurement; GPU:
