@@ -848,9 +848,11 @@ def summarize(data) -> dict:
     mid = 4096 if 4096 in lengths else max(lengths, default=None)
     long_ = 8192 if 8192 in lengths else max(lengths, default=None)
     ctx_s, ctx_l = (min(contexts), max(contexts)) if contexts else (None, None)
-    bx = f"{data['plan'].get('batch', 4)}x"  # the rows name batch x length (the targets are at batch 4)
-    # the anchor document's titans-pytorch figures were measured on CPU at the anchor dimensions (batch 4 to train)
-    anchor_cpu = data["plan"]["device"] == "cpu" and data["plan"].get("dims", FULL_DIMS) == FULL_DIMS
+    batch = data["plan"].get("batch", 4)
+    bx = f"{batch}x"  # the rows name batch x length (the targets are at batch 4)
+    cpu = data["plan"]["device"] == "cpu"  # the titans-pytorch, RSS and decode targets are CPU targets
+    # ... at the anchor dimensions, where the anchor document measured titans-pytorch (batch 4 to train)
+    anchor_cpu = cpu and data["plan"].get("dims", FULL_DIMS) == FULL_DIMS
     rows = []
 
     def add(group, name, value, target=None, ok=None, note="", flop_bound=None):
@@ -862,7 +864,6 @@ def summarize(data) -> dict:
         fa, fb = _get(train, a, "length", L, "flops_per_token"), _get(train, b, "length", L, "flops_per_token")
         return fb / fa if fa and fb else None
 
-    cpu = data["plan"]["device"] == "cpu"  # the titans-pytorch, RSS and decode targets are CPU targets
     # >= 5x at 1,024 and >= 10x at 4,096; a run at one length is judged against that length's target only
     vs_tp = {short: 5.0, **({mid: 10.0} if mid != short or mid == 4096 else {})}
     for m in titans if lengths and ("titans-pytorch" in models or cpu) else []:
@@ -871,7 +872,7 @@ def summarize(data) -> dict:
             r = mine / tp if mine and tp else None
             add("train vs titans-pytorch", f"{m} / titans-pytorch tok/s @ {bx}{L}", r, f">= {need:g}",
                 None if r is None else r >= need, flop_bound=bound(m, "titans-pytorch", L))
-            anchor = ANCHOR_TP_TOKENS_PER_S.get(L) if anchor_cpu and data["plan"].get("batch", 4) == 4 else None
+            anchor = ANCHOR_TP_TOKENS_PER_S.get(L) if anchor_cpu and batch == 4 else None
             if mine and anchor:
                 add("train vs titans-pytorch", f"{m} / anchor-doc titans-pytorch ({anchor:g}) @ {bx}{L}", mine / anchor,
                     f">= {need:g}", mine / anchor >= need, "anchor-doc number, other run")
@@ -893,7 +894,7 @@ def summarize(data) -> dict:
                 a, b = _get(train, m, "length", L), _get(train, "llama", "length", L)
                 r = a / b if a and b else None
                 need = gpu_targets.get(L) if m in TITANS_VARIANTS else None
-                add("GPU train vs Llama", f"{m} / llama tok/s @ {data['plan']['batch']}x{L}", r,
+                add("GPU train vs Llama", f"{m} / llama tok/s @ {bx}{L}", r,
                     None if need is None else f">= {need:g}", None if (r is None or need is None) else r >= need,
                     flop_bound=bound(m, "llama", L))
     for m in models if lengths else []:

@@ -228,6 +228,15 @@ def test_benchmark_flops(tmp_path):
     assert "Training FLOPs" in stdout and "[FLOP bound" in stdout
 
 
+def _summary_rows(models, lengths, train, contexts=(), decode=(), batch=4, dims=None):
+    """`summarize` of hand-made entries of a CPU run (no measurement): its rows."""
+    plan = dict(lengths=lengths, batch=batch, decode_contexts=list(contexts), models=models, device="cpu")
+    if dims is not None:
+        plan["dims"] = dims
+    data = dict(plan=plan, train=train, decode=list(decode), decode_interleaved=[])
+    return _load_benchmark().summarize(data)["rows"]
+
+
 @pytest.mark.parametrize(
     "lengths, expected",
     [([1024, 4096], {1024: ">= 5", 4096: ">= 10"}), ([4096], {4096: ">= 10"}), ([1024], {1024: ">= 5"})],
@@ -235,12 +244,10 @@ def test_benchmark_flops(tmp_path):
 def test_titans_pytorch_targets_follow_the_measured_lengths(lengths, expected):
     """The issue's targets against titans-pytorch are >= 5x at 1,024 tokens and >= 10x at 4,096: a run at 4,096
     only is judged against >= 10 alone (it used to print a >= 5 row for 4,096 as well)."""
-    bench = _load_benchmark()
     train = [dict(model=m, length=L, status="ok", tokens_per_s=tps * L / 1024)
              for L in lengths for m, tps in (("mac", 800.0), ("titans-pytorch", 100.0))]  # fmt: skip
-    data = dict(plan=dict(lengths=lengths, batch=4, decode_contexts=[], models=["mac", "titans-pytorch"], device="cpu"),
-                train=train, decode=[], decode_interleaved=[])  # fmt: skip
-    rows = [r for r in bench.summarize(data)["rows"] if r["name"].startswith("mac / titans-pytorch")]
+    rows = _summary_rows(["mac", "titans-pytorch"], lengths, train)
+    rows = [r for r in rows if r["name"].startswith("mac / titans-pytorch")]
     assert [(int(r["name"].rsplit("x", 1)[1]), r["target"]) for r in rows] == list(expected.items())
     assert all(r["value"] == pytest.approx(8.0) and r["passed"] == (r["target"] == ">= 5") for r in rows)
 
@@ -249,21 +256,20 @@ def test_anchor_document_figures_only_at_the_anchor_size():
     """The anchor document's titans-pytorch tok/s were measured at the anchor dimensions and batch 4: a run at another
     width or batch is not compared with them (it printed mag / anchor-doc titans-pytorch at hidden 1024, batch 1), nor
     judged against the RSS target."""
-    bench = _load_benchmark()
+    anchor = _load_benchmark().FULL_DIMS
+    wide = dict(anchor, hidden_size=1024)
 
     def anchor_rows(dims, batch):
-        data = dict(plan=dict(lengths=[1024], batch=batch, decode_contexts=[128], models=["mag"], device="cpu", dims=dims),
-                    train=[dict(model="mag", length=1024, status="ok", tokens_per_s=3000.0)],
-                    decode=[dict(model="mag", context=128, status="ok", tokens_per_s=200.0)], decode_interleaved=[])  # fmt: skip
-        return [r["name"] for r in bench.summarize(data)["rows"] if "anchor-doc" in r["name"]]
+        train = [dict(model="mag", length=1024, status="ok", tokens_per_s=3000.0)]
+        decode = [dict(model="mag", context=128, status="ok", tokens_per_s=200.0)]
+        rows = _summary_rows(["mag"], [1024], train, [128], decode, batch=batch, dims=dims)
+        return [r["name"] for r in rows if "anchor-doc" in r["name"]]
 
-    assert len(anchor_rows(bench.FULL_DIMS, 4)) == 2  # training at 1,024 and decoding at context 128
+    assert len(anchor_rows(anchor, 4)) == 2  # training at 1,024 and decoding at context 128
+    assert anchor_rows(wide, 4) == []
+    assert anchor_rows(anchor, 1) == [r for r in anchor_rows(anchor, 4) if "decode" in r]
     # so is the RSS target (<= 3 GiB at the anchor size): a wider model is not judged against it
     train = [dict(model="mag", length=4096, status="ok", tokens_per_s=1.0, peak_rss_bytes=3.5 * 1024**3)]
-    for dims, target in ((bench.FULL_DIMS, "<= 3 GiB"), (dict(bench.FULL_DIMS, hidden_size=1024), None)):
-        data = dict(plan=dict(lengths=[4096], batch=4, decode_contexts=[], models=["mag"], device="cpu", dims=dims),
-                    train=train, decode=[], decode_interleaved=[])  # fmt: skip
-        (row,) = [r for r in bench.summarize(data)["rows"] if "peak RSS" in r["name"]]
+    for dims, target in ((anchor, "<= 3 GiB"), (wide, None)):
+        (row,) = [r for r in _summary_rows(["mag"], [4096], train, dims=dims) if "peak RSS" in r["name"]]
         assert row["target"] == target and row["passed"] is (False if target else None)
-    assert anchor_rows(dict(bench.FULL_DIMS, hidden_size=1024), 4) == []
-    assert anchor_rows(bench.FULL_DIMS, 1) == [r for r in anchor_rows(bench.FULL_DIMS, 4) if "decode" in r]
