@@ -124,10 +124,12 @@ def _position_wise(fn, *xs):
 # holes between them back. At 4 x 4,096 tokens (anchor dims) MAC held ~1.1 GiB more than was alive
 # (results/speed_log.md, "Why MAC missed the RSS target"). Returning the free heap pages to the OS (malloc_trim) after
 # each decoder layer, and in MAC every `_TRIM_SEGMENTS` segments, removes that. It costs page faults when the pages are
-# reused, so it runs only on inputs of at least `_TRIM_MIN_ELEMENTS` elements, where the holes matter. Measured
-# in-process at anchor dims (MAC, per segment): peak RSS at 4 x 4,096 3.79 -> 2.86 GiB with no slowdown there (5 %
-# slower at 4 x 8,192), but 4 % slower at 4 x 2,048 and 6 % at 4 x 1,024, hence the size bound; per layer, compiled MAG
-# at 4 x 4,096: 3.22 -> 2.88 GiB, no slowdown. TITANS_MALLOC_TRIM=0 turns it off.
+# reused: the first trim of a step hands back the previous step's freed heap too, so a step faults in about its whole
+# peak again. It therefore runs only on inputs of at least `_TRIM_MIN_ELEMENTS` elements, where the holes matter.
+# Measured at anchor dims, 4 x 4,096, 1 thread, trimming on vs off (TITANS_MALLOC_TRIM=0): eager MAC peak RSS 2.73 vs
+# 3.49 GiB, compiled MAC 2.47 vs 2.95, compiled MAG 2.52 vs 2.68; compiled MAC ~640k vs ~70k page faults per step and
+# 12 % slower (in-process A/B; results/speed_log.md, "What the heap trimming costs"). The RSS bound wins by default;
+# where memory is plentiful, TITANS_MALLOC_TRIM=0 turns it off.
 _TRIM_SEGMENTS, _TRIM_MIN_ELEMENTS = 16, 1 << 22
 
 

@@ -52,12 +52,17 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TITANS_VARIANTS = ("mac", "mag", "mal", "lmm")
 ALL_MODELS = (*TITANS_VARIANTS, "swa", "llama", "titans-pytorch")
-EXTRA_MODELS = ("mac_sliding",)  # by name only: MAC with mac_attention="sliding" (model card D20)
+# by name only: MAC with mac_attention="sliding" (model card D20); each variant with the heap trimming of long CPU
+# training inputs turned off (TITANS_MALLOC_TRIM=0 in its processes: the speed it costs, the RSS it saves)
+EXTRA_MODELS = ("mac_sliding", *(f"{v}_no_trim" for v in TITANS_VARIANTS))
 # TitansConfig fields of the Titans-built models that are not a variant of their own name
 TITANS_OVERRIDES = {
     "swa": dict(variant="mag", memory_layers=[]),
     "mac_sliding": dict(variant="mac", mac_attention="sliding"),
+    **{f"{v}_no_trim": dict(variant=v) for v in TITANS_VARIANTS},
 }
+# environment of a model's worker processes, over the parent's
+MODEL_ENV = {f"{v}_no_trim": dict(TITANS_MALLOC_TRIM="0") for v in TITANS_VARIANTS}
 GIB = 1024**3
 
 # titans-pytorch figures of the anchor document (§2, same CPU class, batch 4): used when it is not measured here
@@ -586,6 +591,7 @@ def worker_main(spec_path: str) -> int:
     torch.set_num_threads(spec["threads"])
     state["rss_after_import"] = _peak_rss_bytes()
     state["torch_threads"] = torch.get_num_threads()
+    state["env"] = {k: os.environ[k] for k in ("TITANS_MEMORY_KERNEL", "TITANS_MALLOC_TRIM") if k in os.environ}
     emit()
     try:
         model, family, config = build_model(spec["model"], spec["dims"], spec["max_len"], spec["device"], spec["attn"],
@@ -652,7 +658,7 @@ def run_child(args, model, tasks, dims, max_len, log):
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")  # fmt: skip
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **MODEL_ENV.get(model, {}))  # fmt: skip
     load_before = os.getloadavg()
     t0 = time.time()
     with open(err_path, "w") as err:
@@ -1264,7 +1270,7 @@ def main(argv=None) -> int:
         m = record["model"]
         info = data["models"].setdefault(m, {})
         for key in ("params", "config", "attn_implementation", "dtype", "rss_after_import", "rss_after_model",
-                    "torch_threads", "modeling_titans_file"):  # fmt: skip
+                    "torch_threads", "modeling_titans_file", "env"):  # fmt: skip
             if payload.get(key) is not None and key not in info:
                 info[key] = payload[key]
         if isinstance(info.get("params"), dict):

@@ -166,6 +166,15 @@ def test_benchmark_extra_model_by_name(tmp_path):
     check_entries(data, ["mac_sliding"], [64], [])
 
 
+def test_benchmark_no_trim_models(tmp_path):
+    """`<variant>_no_trim` is that variant with TITANS_MALLOC_TRIM=0 in its worker processes (and only there)."""
+    data, _, _ = run_quick(tmp_path, "--models", "mag,mag_no_trim", "--lengths", "64", "--no-decode", "--plot", "none")
+    assert data["models"]["mag_no_trim"]["config"] == data["models"]["mag"]["config"]
+    assert data["models"]["mag_no_trim"]["env"]["TITANS_MALLOC_TRIM"] == "0"
+    assert data["models"]["mag"]["env"].get("TITANS_MALLOC_TRIM") == os.environ.get("TITANS_MALLOC_TRIM")
+    check_entries(data, ["mag", "mag_no_trim"], [64], [])
+
+
 def _load_benchmark():
     spec = importlib.util.spec_from_file_location("titans_benchmark_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
