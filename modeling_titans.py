@@ -126,9 +126,9 @@ def _position_wise(fn, *xs):
 # each decoder layer, and in MAC every `_TRIM_SEGMENTS` segments, removes that. It costs page faults when the pages are
 # reused: the first trim of a step hands back the previous step's freed heap too, so a step faults in about its whole
 # peak again. It therefore runs only on inputs of at least `_TRIM_MIN_ELEMENTS` elements, where the holes matter.
-# Measured at anchor dims, 4 x 4,096, 1 thread, trimming on vs off (TITANS_MALLOC_TRIM=0): eager MAC peak RSS 2.73 vs
-# 3.49 GiB, compiled MAC 2.47 vs 2.95, compiled MAG 2.52 vs 2.68; compiled MAC ~640k vs ~70k page faults per step and
-# 12 % slower (in-process A/B; results/speed_log.md, "What the heap trimming costs"). The RSS bound wins by default;
+# Measured at anchor dims, 4 x 4,096, 1 thread (results/benchmark_trim_4096_*_amd.json, speed_log.md "What the heap
+# trimming costs"): eager MAC peaks at 2.7-2.8 GiB with it and 3.4 without, and runs 1.14-1.17x as fast without;
+# compiled MAC 2.43 vs 2.91 GiB, 1.03-1.17x; MAG saves 0.1-0.3 GiB at 1.02-1.12x. The 3 GiB bound wins by default;
 # where memory is plentiful, TITANS_MALLOC_TRIM=0 turns it off.
 _TRIM_SEGMENTS, _TRIM_MIN_ELEMENTS = 16, 1 << 22
 
