@@ -893,6 +893,14 @@ def summarize(data) -> dict:
         r = a / b if a and b else None
         add("vs memory disabled", f"{m} / swa (memory_layers=[]) tok/s @ {bx}{short}", r, ">= 0.5",
             None if r is None else r >= 0.5, flop_bound=bound(m, "swa", short))
+    for m in [m for m in models if m.endswith("_no_trim")] if lengths else []:  # TITANS_MALLOC_TRIM=0: no targets
+        base = m.removesuffix("_no_trim")
+        for L in lengths:
+            a, b, tp = (_get(train, x, "length", L) for x in (m, base, "titans-pytorch"))
+            if a and b:
+                add("heap trimming off", f"{m} / {base} tok/s @ {bx}{L}", a / b)
+            if a and tp:
+                add("heap trimming off", f"{m} / titans-pytorch tok/s @ {bx}{L}", a / tp)
     if data["plan"]["device"].startswith("cuda") and "llama" in models:
         gpu_targets = {4096: 0.7, 32768: 1.0}  # the GPU targets (Llama with FlashAttention/SDPA)
         for m in titans + (["swa"] if "swa" in models else []):

@@ -282,3 +282,15 @@ def test_anchor_document_figures_only_at_the_anchor_size():
     for dims, target in ((anchor, "<= 3 GiB"), (wide, None)):
         (row,) = [r for r in _summary_rows(["mag"], [4096], train, dims=dims) if "peak RSS" in r["name"]]
         assert row["target"] == target and row["passed"] is (False if target else None)
+
+
+def test_no_trim_rows_compare_with_their_variant_without_targets():
+    """A `<variant>_no_trim` model is compared with its own variant and with titans-pytorch at every length, as plain
+    ratios: the issue's targets are for the default model, so these rows pass or fail nothing."""
+    speeds = {"mac": 1500.0, "mac_no_trim": 1800.0, "titans-pytorch": 150.0}
+    train = [dict(model=m, length=4096, status="ok", tokens_per_s=v) for m, v in speeds.items()]
+    rows = {r["name"]: r for r in _summary_rows(list(speeds), [4096], train) if r["group"] == "heap trimming off"}
+    assert set(rows) == {"mac_no_trim / mac tok/s @ 4x4096", "mac_no_trim / titans-pytorch tok/s @ 4x4096"}
+    assert rows["mac_no_trim / mac tok/s @ 4x4096"]["value"] == pytest.approx(1.2)
+    assert rows["mac_no_trim / titans-pytorch tok/s @ 4x4096"]["value"] == pytest.approx(12.0)
+    assert all(r["target"] is None and r["passed"] is None for r in rows.values())
