@@ -52,17 +52,18 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TITANS_VARIANTS = ("mac", "mag", "mal", "lmm")
 ALL_MODELS = (*TITANS_VARIANTS, "swa", "llama", "titans-pytorch")
-# by name only: MAC with mac_attention="sliding" (model card D20); each variant with the heap trimming of long CPU
-# training inputs turned off (TITANS_MALLOC_TRIM=0 in its processes: the speed it costs, the RSS it saves)
-EXTRA_MODELS = ("mac_sliding", *(f"{v}_no_trim" for v in TITANS_VARIANTS))
+# each variant with the heap trimming of long CPU training inputs turned off (TITANS_MALLOC_TRIM=0 in its processes:
+# the speed it costs, the RSS it saves): name -> variant
+NO_TRIM_MODELS = {f"{v}_no_trim": v for v in TITANS_VARIANTS}
+EXTRA_MODELS = ("mac_sliding", *NO_TRIM_MODELS)  # by name only; mac_sliding: mac_attention="sliding" (model card D20)
 # TitansConfig fields of the Titans-built models that are not a variant of their own name
 TITANS_OVERRIDES = {
     "swa": dict(variant="mag", memory_layers=[]),
     "mac_sliding": dict(variant="mac", mac_attention="sliding"),
-    **{f"{v}_no_trim": dict(variant=v) for v in TITANS_VARIANTS},
+    **{m: dict(variant=v) for m, v in NO_TRIM_MODELS.items()},
 }
 # environment of a model's worker processes, over the parent's
-MODEL_ENV = {f"{v}_no_trim": dict(TITANS_MALLOC_TRIM="0") for v in TITANS_VARIANTS}
+MODEL_ENV = {m: dict(TITANS_MALLOC_TRIM="0") for m in NO_TRIM_MODELS}
 GIB = 1024**3
 
 # titans-pytorch figures of the anchor document (§2, same CPU class, batch 4): used when it is not measured here
@@ -893,8 +894,8 @@ def summarize(data) -> dict:
         r = a / b if a and b else None
         add("vs memory disabled", f"{m} / swa (memory_layers=[]) tok/s @ {bx}{short}", r, ">= 0.5",
             None if r is None else r >= 0.5, flop_bound=bound(m, "swa", short))
-    for m in [m for m in models if m.endswith("_no_trim")] if lengths else []:  # TITANS_MALLOC_TRIM=0: no targets
-        base = m.removesuffix("_no_trim")
+    for m in [m for m in models if m in NO_TRIM_MODELS] if lengths else []:  # TITANS_MALLOC_TRIM=0: no targets
+        base = NO_TRIM_MODELS[m]
         for L in lengths:
             a, b, tp = (_get(train, x, "length", L) for x in (m, base, "titans-pytorch"))
             if a and b:
