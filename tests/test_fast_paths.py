@@ -322,3 +322,25 @@ def check_autocast_leaves_the_memory_in_fp32(variant, device="cpu"):
 
 def test_autocast_leaves_the_memory_in_fp32(variant):
     check_autocast_leaves_the_memory_in_fp32(variant)
+
+
+def test_cpu_training_rms_norm_matches_the_composite_and_keeps_less():
+    """The hand-written RMSNorm backward (fp32, CPU, autograd on) against F.rms_norm's own autograd: same output,
+    gradients to rounding, one graph node instead of six, and an fp64 gradcheck of the formula."""
+    from modeling_titans import _RMSNormFunction, rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = (3.0 * torch.randn(3, 7, 64, generator=gen)).requires_grad_()
+    w = torch.randn(64, generator=gen).requires_grad_()
+    ours, theirs = rms_norm(x, w, 1e-6), F.rms_norm(x, (64,), w, 1e-6)
+    assert type(ours.grad_fn).__name__ == "_RMSNormFunctionBackward"
+    assert torch.equal(ours, theirs)
+    grad = torch.randn(ours.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad(ours, (x, w), grad), torch.autograd.grad(theirs, (x, w), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    x_only = rms_norm(x, w.detach(), 1e-6)  # no weight gradient asked for: none computed
+    assert torch.autograd.grad(x_only.sum(), x)[0].shape == x.shape
+    with torch.no_grad():  # inference keeps the single F.rms_norm call
+        assert rms_norm(x, w, 1e-6).grad_fn is None
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-6), (x64[:1, :2], w64))
