@@ -48,14 +48,20 @@ class _RMSNormFunction(torch.autograd.Function):
     Here one node keeps x and 1/rms only: one activation-sized tensor less per norm, and fewer small heap blocks
     between the tensors (MAC builds its norms per segment). Same forward arithmetic as `F.rms_norm`."""
 
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return x * rstd * weight
+    generate_vmap_rule = True  # torch.func transforms (grad, vmap: per-sample gradients) work as with F.rms_norm
 
     @staticmethod
-    def backward(ctx, grad):
+    def forward(x, weight, eps):
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return x * rstd * weight, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _):
         x, weight, rstd = ctx.saved_tensors
         normed = x * rstd
         grad_normed = grad * weight
@@ -73,7 +79,7 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> t
             and (hidden_states.requires_grad or weight.requires_grad)
             and not torch.compiler.is_compiling()  # (inductor fuses the composite itself)
         ):
-            return _RMSNormFunction.apply(hidden_states, weight, eps)
+            return _RMSNormFunction.apply(hidden_states, weight, eps)[0]
         # the same arithmetic in one call, bitwise equal: 6 dispatches fewer per norm in decoding
         return F.rms_norm(hidden_states, weight.shape, weight, eps)
     input_dtype = hidden_states.dtype

@@ -343,4 +343,9 @@ def test_cpu_training_rms_norm_matches_the_composite_and_keeps_less():
     with torch.no_grad():  # inference keeps the single F.rms_norm call
         assert rms_norm(x, w, 1e-6).grad_fn is None
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-6), (x64[:1, :2], w64))
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-6)[0], (x64[:1, :2], w64))
+    # torch.func transforms (per-sample gradients) work through it, as through F.rms_norm
+    per_sample = torch.func.vmap(torch.func.grad(lambda v, row: rms_norm(row, v, 1e-6).square().sum()), (None, 0))
+    expected = torch.func.vmap(torch.func.grad(lambda v, row: F.rms_norm(row, (64,), v, 1e-6).square().sum()), (None, 0))
+    with torch.enable_grad():
+        torch.testing.assert_close(per_sample(w, x.detach()), expected(w, x.detach()), rtol=1e-5, atol=1e-6)
