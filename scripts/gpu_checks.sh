@@ -5,7 +5,8 @@
 #             fp32)
 #   tkernel   tests/test_triton_scan.py (the fused memory kernels vs the PyTorch scan, compiled for the GPU; several
 #             kernel configurations, each compiled once: minutes)
-#   triton    scripts/gpu_triton_check.py: the kernels at the anchor sizes (errors vs the PyTorch scan, timings)
+#   triton    scripts/gpu_triton_check.py: the kernels at the anchor sizes (errors vs the PyTorch scan, timings), and
+#             their times as the batch (program count) grows ($TRITON_SCALING)
 #   bench     scripts/benchmark.py on CUDA, bf16 autocast, batch 4: Titans vs memory-disabled vs Llama (sdpa) at 4k
 #             and 32k, with TITANS_MEMORY_KERNEL=$BENCH_KERNEL (default torch: the PyTorch chunk loop, the baseline)
 #   kernel    the same benchmark with TITANS_MEMORY_KERNEL=auto (fused kernels) and --titans-attn $KERNEL_ATTN
@@ -19,6 +20,7 @@
 #   decode    (only when named) cached decoding at contexts 128 and 8192 with TITANS_MEMORY_KERNEL=compile (one
 #             graph per steady step) for Titans, memory-disabled and Llama, batch 1, fp32
 # Usage: OUT=/tmp/gpu bash scripts/gpu_checks.sh [stage ...]   (default: all but flex and decode, in the order above)
+# DRY_RUN=1 prints the command of each named stage and runs none.
 # Named stages run in the order named, so a short lease can put first what matters most. DEADLINE_S (seconds from
 # the start) cuts each stage's limit to the time left and skips the stages that would get under 30 s.
 # Each stage has its own time limit; a stage that fails or times out does not stop the others. The logs are packed
@@ -74,7 +76,8 @@ print(\"torch\", torch.__version__, \"transformers\", transformers.__version__, 
       \"accelerate\", accelerate.__version__, \"datasets\", datasets.__version__, torch.cuda.get_device_name())'"
 stage tests 400 $PY -m pytest -v -p no:cacheprovider tests/test_gpu.py -m "not slow"
 stage tkernel 400 $PY -m pytest -v -p no:cacheprovider tests/test_triton_scan.py
-stage triton 400 $PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-4096 32768} --output "$OUT/triton_check.json"
+stage triton 400 $PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-4096 32768} \
+    --scaling ${TRITON_SCALING:-4 8 16 32} --output "$OUT/triton_check.json"
 stage bench ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL="${BENCH_KERNEL:-torch}" $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --models "$BENCH_MODELS" \
     --note "${BENCH_NOTE:-gpu_checks.sh} memory kernel ${BENCH_KERNEL:-torch}" --output "$OUT/benchmark_gpu.json"
 stage kernel ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
@@ -86,7 +89,11 @@ stage flex ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchma
 # a GPU-sized model: the anchor width gives 16 (batch row, memory head) programs for 132 multiprocessors and Llama
 # matmuls too small to load the GPU; this one gives 8 x 16 = 128 programs, with Llama of the same width beside it
 read -r -a LARGE_DIMS <<<"${LARGE_DIMS:---hidden-size 1024 --num-heads 16 --intermediate-size 2816 --memory-heads 16 --batch 8}"
-stage large ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" "${LARGE_DIMS[@]}" \
+# without --flops: at this width its count (the PyTorch scan, at 32k too) took MAG past the stage's limit on an H200;
+# the counts at this width are in results/benchmark_flops_gpu_sized.json
+LARGE_ARGS=()
+for a in "${BENCH_ARGS[@]}"; do [ "$a" = --flops ] || LARGE_ARGS+=("$a"); done
+stage large ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${LARGE_ARGS[@]}" "${LARGE_DIMS[@]}" \
     --models "${LARGE_MODELS:-llama,swa,mag,lmm}" \
     --note "${BENCH_NOTE:-gpu_checks.sh} fused memory kernels, GPU-sized model" --output "$OUT/benchmark_gpu_large.json"
 PROFILE_MODELS=${PROFILE_MODELS:-llama swa mag}
@@ -108,6 +115,7 @@ stage decode ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/be
     --models "${DECODE_MODELS:-mag,mac,swa,llama}" --no-train --decode-contexts 128,8192 --decode-repeats 2 \
     --isolation model --code-ref worktree --timeout 240 --plot none \
     --note "${BENCH_NOTE:-gpu_checks.sh} compiled decoding" --output "$OUT/benchmark_gpu_decode.json"
+[ -n "${DRY_RUN:-}" ] && { for n in $STAGES; do echo "$n: ${STAGE_CMD[$n]}"; done; exit 0; }
 for name in $STAGES; do
     if [ -n "${STAGE_CMD[$name]+x}" ]; then run_stage "$name"; else echo "== $name: no such stage"; fi
 done

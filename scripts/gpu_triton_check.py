@@ -1,6 +1,6 @@
 """Check the fused Triton memory scan against the PyTorch scan on a CUDA machine, and time both (not a test).
 
-    python scripts/gpu_triton_check.py [--precision tf32x3|tf32|ieee] [--lengths 4096 32768]
+    python scripts/gpu_triton_check.py [--precision tf32x3|tf32|ieee] [--lengths 4096 32768] [--scaling 4 8 16 32]
 
 The first run compiles the kernels (tf32x3: ~20 s forward, ~2 min backward on a slow CPU; ieee: many minutes);
 Triton caches them in ~/.triton/cache. Give the first run ~5 minutes.
@@ -9,6 +9,11 @@ Anchor sizes: B=4, H=4, d=64, E=128 (depth 2), chunk 64, silu, with M_init. Comp
 states and every input gradient (max abs error, and relative = max abs error / max abs reference), then times
 forward + backward of the scan both ways (CUDA events, median of 5 after 2 warm-ups). Prints one JSON line; exits
 non-zero on a mismatch beyond tolerance or if the kernel fails (the exception and traceback are printed).
+
+`--scaling B ...` then times the kernels alone at `--scaling-length` tokens for each batch size B (B x 4 programs).
+Per-program work is the same, so on a GPU with enough multiprocessors flat times mean the programs run side by side
+and times growing with B mean they share a bottleneck (the model card's GPU-sized run suggested the latter). Only the
+B x H program count changes, not the kernel's specialisation, so this compiles nothing new.
 """
 
 import argparse
@@ -100,6 +105,8 @@ def main():
     parser.add_argument("--check-length", type=int, default=4096)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--activation", default="silu")
+    parser.add_argument("--scaling", type=int, nargs="*", default=[], help="batch sizes for the program-count sweep")
+    parser.add_argument("--scaling-length", type=int, default=4096)
     parser.add_argument("--output", default=None, help="also write the final JSON here")
     args = parser.parse_args()
 
@@ -179,6 +186,24 @@ def main():
             timings[str(T)] = {"error": f"{type(e).__name__}: {e}"[:500]}
         torch.cuda.empty_cache()
     result["timings"] = timings
+    scaling = {}
+    for batch in args.scaling:
+        try:
+            tensors = make_inputs(batch, H, d, E, C, args.scaling_length, depth, device)
+            gen = torch.Generator(device=device).manual_seed(1)
+            probe, _ = scan("triton", tensors, C, depth, act)
+            grads = [torch.randn(o.shape, device=device, generator=gen) for o in probe]
+            del probe
+            row = {"programs": batch * H}
+            row["triton_fwd_ms"] = timed(lambda: scan("triton", tensors, C, depth, act))
+            row["triton_fwd_bwd_ms"] = timed(lambda: scan("triton", tensors, C, depth, act, grads))
+            scaling[str(batch)] = row
+        except Exception as e:
+            traceback.print_exc()
+            scaling[str(batch)] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        torch.cuda.empty_cache()
+        result["scaling"] = scaling
+        report({"phase": "scaling", **result})  # each row as it comes: a lease may end mid-sweep
     result["fallbacks"] = dict((str(k), v) for k, v in mt._TRITON_FAILED.items())
     result["ok"] = bool(ok)
     report(result)
