@@ -113,6 +113,29 @@ def test_cuda_attention_backends_match_eager(variant, impl):
     torch.testing.assert_close(other[mask.bool()], eager[mask.bool()], atol=1e-5, rtol=0)
 
 
+def test_cuda_flex_over_several_blocks_matches_eager_with_gradients(variant):
+    """flex attention with `titans_block_mask` over several 128-token blocks (left padding of 140 in one row) against
+    eager attention, outputs and parameter gradients (flex has no backward on CPU, so only the GPU checks them)."""
+    if variant == "lmm":
+        pytest.skip("memory-only: no attention")
+    model = tiny_model(variant, scale=0.1).to(CUDA).train()
+    ids = torch.randint(2, 64, (2, 300), generator=torch.Generator().manual_seed(2)).to(CUDA)
+    mask = torch.ones_like(ids)
+    mask[1, :140] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    results = {}
+    for impl in ("eager", "flex_attention"):
+        model.zero_grad()
+        model.set_attn_implementation(impl)
+        out = model(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        results[impl] = (out.logits.detach()[mask.bool()], [p.grad.clone() for p in model.parameters()])
+    (eager, eager_grads), (flex, flex_grads) = results["eager"], results["flex_attention"]
+    torch.testing.assert_close(flex, eager, atol=1e-5, rtol=0)
+    for a, b in zip(flex_grads, eager_grads):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item() + 1e-8, rtol=1e-4)
+
+
 def test_cuda_autocast_keeps_the_memory_fp32(variant):
     """bf16 autocast on CUDA: the memory scan is bit-identical to fp32 (D16), the model tracks fp32."""
     check_autocast_leaves_the_memory_in_fp32(variant, CUDA)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT, VARIANTS, assert_reloaded_logits, tiny_config, tiny_model
 
 from configuration_titans import TitansConfig
@@ -108,7 +109,7 @@ def test_flex_mask_function_equals_the_dense_mask(pattern, num_cached):
     """The flex path's mask function (per-row/column tensors, no dense mask) against `titans_attention_mask`, the
     dense mask of sdpa/eager: left padding, rows at different phases, cached keys; MAC's [persistent | retrieved |
     keys] axis with its lookback. Columns and rows past the ends (flex pads to its block size) are never visible."""
-    from modeling_titans import titans_attention_mask, titans_mask_function
+    from modeling_titans import titans_attention_mask, titans_block_mask, titans_mask_function
 
     n_p, window, lookback, q_len = 3, 6, 4, 21
     q_pos = torch.arange(q_len).repeat(3, 1) + num_cached + torch.tensor([[0], [2], [0]])  # row 1: 2 tokens ahead
@@ -129,6 +130,34 @@ def test_flex_mask_function_equals_the_dense_mask(pattern, num_cached):
     grid = function(torch.arange(3)[:, None, None], 0, torch.arange(128)[None, :, None], torch.arange(128)[None, None])
     assert torch.equal(grid[:, :q_len, : dense.shape[-1]], dense)
     assert not grid[:, :, dense.shape[-1] :].any()
+    # the BlockMask built from block position ranges keeps exactly the blocks with a visible pair (none missed,
+    # none extra), at block sizes that cut the rows, the padding and the [persistent | retrieved | keys] parts
+    reach = {"window": window} if pattern == "window" else {"segment": window, "context": True, "lookback": lookback}
+    for block in (4, 8, 16):
+        block_mask = titans_block_mask(q_pos, kv_pos, num_cached, n_p, block=block, **reach)
+        assert block_mask.seq_lengths == tuple(dense.shape[1:])
+        n_q, n_k = -(-q_len // block), -(-dense.shape[-1] // block)
+        padded = F.pad(dense, (0, n_k * block - dense.shape[-1], 0, n_q * block - q_len))
+        needed = padded.view(3, n_q, block, n_k, block).any(4).any(2)
+        assert torch.equal(block_mask.to_dense()[:, 0].bool(), needed)
+
+
+@pytest.mark.parametrize("variant", ["mag", "mac"])
+def test_flex_attention_over_several_blocks_matches_eager(variant):
+    """flex with the BlockMask of `titans_block_mask` against eager attention where the mask spans several of flex's
+    128-token blocks: 300 tokens, left padding of 140 in one row (a whole block of padding queries and one cut).
+    A short input first, so that the long one recompiles flex for a second length in the same process."""
+    model = tiny_model(variant, scale=0.1)
+    for length, padding in ((30, 4), (300, 140)):
+        ids = torch.randint(2, 64, (2, length))
+        mask = torch.ones_like(ids)
+        mask[1, :padding] = 0
+        with torch.no_grad():
+            model.set_attn_implementation("eager")
+            eager = model(ids, attention_mask=mask).logits
+            model.set_attn_implementation("flex_attention")
+            flex = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(flex[mask.bool()], eager[mask.bool()], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa", "flex_attention"])
