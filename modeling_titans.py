@@ -814,6 +814,17 @@ _TRITON_ACTIVATIONS = {"silu": 0, "gelu": 1, "tanh": 2}
 _TRITON_PRECISION = os.environ.get("TITANS_MEMORY_KERNEL_PRECISION", "tf32x3")
 if _TRITON_PRECISION not in ("ieee", "tf32", "tf32x3"):
     raise ValueError(f"TITANS_MEMORY_KERNEL_PRECISION={_TRITON_PRECISION!r}: expected 'tf32x3', 'tf32' or 'ieee'")
+# Warps per program (TITANS_MEMORY_KERNEL_WARPS; default 8 when E >= 128, else 4), for measuring on a GPU. Compiled
+# offline for sm_90 at d=64, E=128, tf32x3 (ptxas -v), both use all 255 registers and spill. Spill space per thread:
+# 8 warps 3.8 KB forward and 10.0 KB backward, 4 warps 4.1 and 10.3 KB; per program (256 or 128 threads) 4 warps
+# keep about half the spilled bytes (backward 1.3 against 2.6 MB), with half the threads to run the products.
+_TRITON_WARPS = os.environ.get("TITANS_MEMORY_KERNEL_WARPS")
+if _TRITON_WARPS is not None and _TRITON_WARPS not in ("1", "2", "4", "8", "16"):
+    raise ValueError(f"TITANS_MEMORY_KERNEL_WARPS={_TRITON_WARPS!r}: expected 1, 2, 4, 8 or 16")
+
+
+def _triton_warps(E: int) -> int:
+    return int(_TRITON_WARPS) if _TRITON_WARPS else (8 if E >= 128 else 4)
 
 
 def _memory_kernel_mode() -> str:
@@ -1252,7 +1263,7 @@ def _triton_scan_forward(weights, momentum, initial, sequence, chunk_size, activ
         w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], out,
         n_chunks, H, slots, B * H,
         D=D, E=E, C=chunk_size, DEPTH=depth, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
-        PREC=_TRITON_PRECISION, num_warps=8 if E >= 128 else 4, num_stages=1,
+        PREC=_TRITON_PRECISION, num_warps=_triton_warps(E), num_stages=1,
     )  # fmt: skip
     last = n_chunks % slots
     final_w = tuple(b[last].clone() for b in states_w)
@@ -1289,7 +1300,7 @@ def _triton_scan_backward(boundaries, initial, sequence, grad_out, grad_w, grad_
         *grads,
         n_chunks, H, B * H,
         D=D, E=E, C=chunk_size, DEPTH=depth, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
-        PREC=_TRITON_PRECISION, num_warps=8 if E >= 128 else 4, num_stages=1,
+        PREC=_TRITON_PRECISION, num_warps=_triton_warps(E), num_stages=1,
     )  # fmt: skip
     grad_initial = tuple(t.sum(0, keepdim=True) for t in grad_init) if initial else ()
     return tuple(t[0] for t in scratch_w), tuple(t[0] for t in scratch_s), grad_initial, grads

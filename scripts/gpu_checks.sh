@@ -7,6 +7,7 @@
 #             kernel configurations, each compiled once: minutes)
 #   triton    scripts/gpu_triton_check.py: the kernels at the anchor sizes (errors vs the PyTorch scan, timings), and
 #             their times as the batch (program count) grows ($TRITON_SCALING)
+#   triton4   (only when named) the same with 4 warps per program instead of 8 (half the spilled bytes per program)
 #   bench     scripts/benchmark.py on CUDA, bf16 autocast, batch 4: Titans vs memory-disabled vs Llama (sdpa) at 4k
 #             and 32k, with TITANS_MEMORY_KERNEL=$BENCH_KERNEL (default torch: the PyTorch chunk loop, the baseline)
 #   kernel    the same benchmark with TITANS_MEMORY_KERNEL=auto (fused kernels) and --titans-attn $KERNEL_ATTN
@@ -78,6 +79,9 @@ stage tests 400 $PY -m pytest -v -p no:cacheprovider tests/test_gpu.py -m "not s
 stage tkernel 400 $PY -m pytest -v -p no:cacheprovider tests/test_triton_scan.py
 stage triton 400 $PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-4096 32768} \
     --scaling ${TRITON_SCALING:-4 8 16 32} --output "$OUT/triton_check.json"
+# the same with 4 warps per program (TITANS_MEMORY_KERNEL_WARPS; compiles the kernels again), only when named
+stage triton4 400 $PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-4096} --num-warps 4 \
+    --scaling ${TRITON_SCALING:-4 8 16 32} --output "$OUT/triton_check_w4.json"
 stage bench ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL="${BENCH_KERNEL:-torch}" $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --models "$BENCH_MODELS" \
     --note "${BENCH_NOTE:-gpu_checks.sh} memory kernel ${BENCH_KERNEL:-torch}" --output "$OUT/benchmark_gpu.json"
 stage kernel ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \

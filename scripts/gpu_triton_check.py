@@ -1,6 +1,7 @@
 """Check the fused Triton memory scan against the PyTorch scan on a CUDA machine, and time both (not a test).
 
     python scripts/gpu_triton_check.py [--precision tf32x3|tf32|ieee] [--lengths 4096 32768] [--scaling 4 8 16 32]
+        [--num-warps 4]
 
 The first run compiles the kernels (tf32x3: ~20 s forward, ~2 min backward on a slow CPU; ieee: many minutes);
 Triton caches them in ~/.triton/cache. Give the first run ~5 minutes.
@@ -105,6 +106,7 @@ def main():
     parser.add_argument("--check-length", type=int, default=4096)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--activation", default="silu")
+    parser.add_argument("--num-warps", type=int, default=None, help="warps per program (TITANS_MEMORY_KERNEL_WARPS)")
     parser.add_argument("--scaling", type=int, nargs="*", default=[], help="batch sizes for the program-count sweep")
     parser.add_argument("--scaling-length", type=int, default=4096)
     parser.add_argument("--output", default=None, help="also write the final JSON here")
@@ -120,7 +122,8 @@ def main():
     depth, act = args.depth, args.activation
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
               "torch": torch.__version__, "precision": args.precision, "B": B, "H": H, "d": d, "E": E, "C": C,
-              "depth": depth, "activation": act, "ok": False}  # fmt: skip
+              "depth": depth, "activation": act, "num_warps": args.num_warps or mt._triton_warps(E),
+              "ok": False}  # fmt: skip
     try:
         import triton
 
@@ -134,6 +137,8 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False  # the PyTorch reference in full fp32
     torch.backends.cudnn.allow_tf32 = False
     mt._TRITON_PRECISION = args.precision
+    if args.num_warps:
+        mt._TRITON_WARPS = str(args.num_warps)
     tol = TOLERANCE[args.precision]
     device = torch.device("cuda")
     ok = True
