@@ -171,44 +171,39 @@ def main():
         result["error"] = f"{type(e).__name__}: {e}"[:2000]
         report(result)
         return 1
-    timings = {}
-    for T in args.lengths:
-        try:
-            tensors = make_inputs(B, H, d, E, C, T, depth, device)
-            gen = torch.Generator(device=device).manual_seed(1)
-            probe, _ = scan("torch", tensors, C, depth, act)
-            grads = [torch.randn(o.shape, device=device, generator=gen) for o in probe]
-            del probe
-            row = {}
-            for mode in ("triton", "torch"):
-                row[f"{mode}_fwd_ms"] = timed(lambda: scan(mode, tensors, C, depth, act))
-                row[f"{mode}_fwd_bwd_ms"] = timed(lambda: scan(mode, tensors, C, depth, act, grads))
-            row["speedup_fwd_bwd"] = row["torch_fwd_bwd_ms"] / row["triton_fwd_bwd_ms"]
-            row["speedup_fwd"] = row["torch_fwd_ms"] / row["triton_fwd_ms"]
-            timings[str(T)] = row
-        except Exception as e:
-            traceback.print_exc()
-            timings[str(T)] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        torch.cuda.empty_cache()
-    result["timings"] = timings
-    scaling = {}
-    for batch in args.scaling:
-        try:
-            tensors = make_inputs(batch, H, d, E, C, args.scaling_length, depth, device)
-            gen = torch.Generator(device=device).manual_seed(1)
-            probe, _ = scan("triton", tensors, C, depth, act)
-            grads = [torch.randn(o.shape, device=device, generator=gen) for o in probe]
-            del probe
-            row = {"programs": batch * H}
-            row["triton_fwd_ms"] = timed(lambda: scan("triton", tensors, C, depth, act))
-            row["triton_fwd_bwd_ms"] = timed(lambda: scan("triton", tensors, C, depth, act, grads))
-            scaling[str(batch)] = row
-        except Exception as e:
-            traceback.print_exc()
-            scaling[str(batch)] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        torch.cuda.empty_cache()
-        result["scaling"] = scaling
-        report({"phase": "scaling", **result})  # each row as it comes: a lease may end mid-sweep
+    def time_modes(batch, T, modes):
+        """Median ms of forward and of forward + backward of the scan in each mode, on fresh inputs."""
+        tensors = make_inputs(batch, H, d, E, C, T, depth, device)
+        gen = torch.Generator(device=device).manual_seed(1)
+        probe, _ = scan(modes[0], tensors, C, depth, act)
+        grads = [torch.randn(o.shape, device=device, generator=gen) for o in probe]
+        del probe
+        row = {}
+        for mode in modes:
+            row[f"{mode}_fwd_ms"] = timed(lambda: scan(mode, tensors, C, depth, act))
+            row[f"{mode}_fwd_bwd_ms"] = timed(lambda: scan(mode, tensors, C, depth, act, grads))
+        return row
+
+    def rows(keys, measure, name):  # each row reported as it comes: a lease may end mid-way
+        result[name] = {}
+        for key in keys:
+            try:
+                result[name][str(key)] = measure(key)
+            except Exception as e:
+                traceback.print_exc()
+                result[name][str(key)] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            torch.cuda.empty_cache()
+            report({"phase": name, **result})
+
+    def lengths_row(T):
+        row = time_modes(B, T, ("triton", "torch"))
+        row["speedup_fwd_bwd"] = row["torch_fwd_bwd_ms"] / row["triton_fwd_bwd_ms"]
+        row["speedup_fwd"] = row["torch_fwd_ms"] / row["triton_fwd_ms"]
+        return row
+
+    rows(args.lengths, lengths_row, "timings")
+    rows(args.scaling, lambda batch: {"programs": batch * H, **time_modes(batch, args.scaling_length, ("triton",))},
+         "scaling")
     result["fallbacks"] = dict((str(k), v) for k, v in mt._TRITON_FAILED.items())
     result["ok"] = bool(ok)
     report(result)
