@@ -357,29 +357,24 @@ def test_cpu_training_rms_norm_matches_the_composite_and_keeps_less():
     torch.testing.assert_close(ours_per_sample, theirs_per_sample, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "name, bad, good, probe, expected",
-    [
-        ("TITANS_MEMORY_KERNEL_PRECISION", "fp16", "tf32", "mt._TRITON_PRECISION", "tf32"),
-        ("TITANS_MEMORY_KERNEL_WARPS", "3", "4", "mt._triton_warps(128)", "4"),
-    ],
-)
-def test_memory_kernel_settings_are_validated(name, bad, good, probe, expected):
+def test_memory_kernel_settings_are_validated():
     """The fused kernels' settings (read at import): a bad value stops the import with an error naming the variable,
-    a good one reaches the launch arguments (the default is 8 warps at E = 128)."""
+    good ones reach the launch arguments (default: tf32x3 products and 8 warps at E = 128)."""
     import subprocess
     import sys
 
+    import modeling_titans as mt
     from conftest import ROOT
 
-    def run(value):
-        env = {k: v for k, v in os.environ.items() if k != name} | ({name: value} if value else {})
-        code = f"import modeling_titans as mt; print({probe}, mt._triton_warps(128))"
+    def run(**values):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TITANS_MEMORY_KERNEL_")} | values
+        code = "import modeling_titans as mt; print(mt._TRITON_PRECISION, mt._triton_warps(128))"
         return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
 
-    failed = run(bad)
-    assert failed.returncode != 0 and name in failed.stderr and "ValueError" in failed.stderr
-    ok, default = run(good), run(None)
-    assert ok.returncode == 0 and default.returncode == 0, ok.stderr + default.stderr
-    assert ok.stdout.split()[0] == expected
-    assert default.stdout.split() == ["tf32x3" if "PRECISION" in name else "8", "8"]
+    for name, bad in (("TITANS_MEMORY_KERNEL_PRECISION", "fp16"), ("TITANS_MEMORY_KERNEL_WARPS", "3")):
+        failed = run(**{name: bad})
+        assert failed.returncode != 0 and name in failed.stderr and "ValueError" in failed.stderr
+    ok = run(TITANS_MEMORY_KERNEL_PRECISION="tf32", TITANS_MEMORY_KERNEL_WARPS="4")
+    assert ok.returncode == 0 and ok.stdout.split() == ["tf32", "4"], ok.stderr
+    if not any(k.startswith("TITANS_MEMORY_KERNEL_") for k in os.environ):  # this process has the defaults
+        assert (mt._TRITON_PRECISION, mt._triton_warps(128), mt._triton_warps(64)) == ("tf32x3", 8, 4)
