@@ -160,6 +160,21 @@ def test_flex_attention_over_several_blocks_matches_eager(variant):
         torch.testing.assert_close(flex[mask.bool()], eager[mask.bool()], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["mag", "mac"])
+def test_flex_attention_generation_matches_sdpa(variant):
+    """Cached greedy generation with flex (a BlockMask per step, one query over the cached keys, left padding) gives
+    the tokens of sdpa."""
+    model = tiny_model(variant, scale=0.1).eval()
+    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    tokens = {}
+    for impl in ("sdpa", "flex_attention"):
+        model.set_attn_implementation(impl)
+        tokens[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(tokens["flex_attention"], tokens["sdpa"])
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa", "flex_attention"])
 def test_mac_attention_reach(impl):
     """MAC's attention over [persistent | h | x] (D20): with "segment" (the paper's) the first query of a segment
