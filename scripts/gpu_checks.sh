@@ -14,7 +14,8 @@
 #   flex      the fused kernels again with --titans-attn flex_attention (block-sparse sliding window) for $FLEX_MODELS
 #   large     (only when named) the kernel benchmark at a GPU-sized width ($LARGE_DIMS: hidden 1024, 16 attention and
 #             16 memory heads, batch 8) for $LARGE_MODELS
-#   profile   torch.profiler tables (CUDA kernel time) of one bf16 training step at 4 x 4,096 for $PROFILE_MODELS
+#   profile   torch.profiler tables (CUDA kernel time) of one bf16 training step at 4 x 4,096 for $PROFILE_MODELS,
+#             Titans attention $PROFILE_ATTN (default sdpa; flex_attention for the block-sparse window)
 #   chunkc    the same benchmark with TITANS_MEMORY_KERNEL=compile (each chunk through inductor: fewer, fused launches)
 #   fsdp      FSDP2 through Trainer (torchrun, --fsdp, --bf16) for a few steps
 #   compile   the slow tests of tests/test_gpu.py (torch.compile / inductor on CUDA)
@@ -105,8 +106,8 @@ PROFILE_ARGS=()
 for m in $PROFILE_MODELS; do PROFILE_ARGS+=(--profile "$m:4096"); done
 stage profile ${BENCH_LIMIT:-300} $PY scripts/benchmark.py --device "${BENCH_DEVICE:-cuda}" --dtype bfloat16 \
     --models "$(echo $PROFILE_MODELS | tr ' ' ,)" --no-train --no-decode "${PROFILE_ARGS[@]}" \
-    --profile-rows 30 --isolation model --code-ref worktree --timeout 240 --plot none \
-    --note "${BENCH_NOTE:-gpu_checks.sh} profiles" --output "$OUT/benchmark_gpu_profile.json"
+    --profile-rows 30 --isolation model --code-ref worktree --timeout 240 --plot none --titans-attn "${PROFILE_ATTN:-sdpa}" \
+    --note "${BENCH_NOTE:-gpu_checks.sh} profiles, ${PROFILE_ATTN:-sdpa}" --output "$OUT/benchmark_gpu_profile.json"
 stage chunkc ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
     --models "${CHUNKC_MODELS:-swa,mag,lmm}" --lengths "${CHUNKC_LENGTHS:-4096}" \
     --note "${BENCH_NOTE:-gpu_checks.sh} compiled chunks" --output "$OUT/benchmark_gpu_chunkc.json"
