@@ -35,14 +35,8 @@
 set -u
 OUT=${OUT:-/tmp/titans-gpu}
 LOGS=$OUT/logs
-mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=4
 PY=${PYTHON:-python3}
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # pinned wheels carried to a machine without a registry
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 STAGES=${*:-env tests tkernel triton bench kernel chunkc fsdp compile}
 DEADLINE_S=${DEADLINE_S:-0}
 BENCH_MODELS=${BENCH_MODELS:-llama,swa,mag,lmm,mal,mac}
@@ -121,6 +115,12 @@ stage decode ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/be
     --isolation model --code-ref worktree --timeout 240 --plot none \
     --note "${BENCH_NOTE:-gpu_checks.sh} compiled decoding" --output "$OUT/benchmark_gpu_decode.json"
 [ -n "${DRY_RUN:-}" ] && { for n in $STAGES; do echo "$n: ${STAGE_CMD[$n]}"; done; exit 0; }
+mkdir -p "$LOGS"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # pinned wheels carried to a machine without a registry
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 for name in $STAGES; do
     if [ -n "${STAGE_CMD[$name]+x}" ]; then run_stage "$name"; else echo "== $name: no such stage"; fi
 done

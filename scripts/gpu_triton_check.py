@@ -119,11 +119,12 @@ def main():
                 json.dump(result, f, indent=1)
 
     B, H, d, E, C = 4, 4, 64, 128, 64
+    if args.num_warps:
+        mt._TRITON_WARPS = str(args.num_warps)
     depth, act = args.depth, args.activation
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
               "torch": torch.__version__, "precision": args.precision, "B": B, "H": H, "d": d, "E": E, "C": C,
-              "depth": depth, "activation": act, "num_warps": args.num_warps or mt._triton_warps(E),
-              "ok": False}  # fmt: skip
+              "depth": depth, "activation": act, "num_warps": mt._triton_warps(E), "ok": False}  # fmt: skip
     try:
         import triton
 
@@ -137,8 +138,6 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False  # the PyTorch reference in full fp32
     torch.backends.cudnn.allow_tf32 = False
     mt._TRITON_PRECISION = args.precision
-    if args.num_warps:
-        mt._TRITON_WARPS = str(args.num_warps)
     tol = TOLERANCE[args.precision]
     device = torch.device("cuda")
     ok = True
