@@ -13,6 +13,7 @@ import ctypes
 import functools
 import json
 import os
+import sys
 import weakref
 from collections.abc import Callable
 
@@ -143,14 +144,18 @@ def apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1):
 _PIECE_ELEMENTS = 1 << 20
 
 
-def _piece_length(elements_per_step: int, multiple: int = 1) -> int:
-    """Time steps per piece: at most `_PIECE_ELEMENTS` elements, a positive multiple of `multiple` (chunk, window)."""
+def _piece_length(elements_per_step: int, device: torch.device, multiple: int = 1) -> int:
+    """Time steps per piece: at most `_PIECE_ELEMENTS` elements, a positive multiple of `multiple` (chunk, window).
+    Off the CPU, one piece: the pieces answer glibc's heap, and on an accelerator they would only cut the work into
+    small launches (at hidden 1,024 and batch 8, the attention and MLP of 128 tokens at a time)."""
+    if device.type != "cpu":
+        return sys.maxsize
     return max(_PIECE_ELEMENTS // (elements_per_step * multiple), 1) * multiple
 
 
 def _position_wise(fn, *xs):
     """fn(*xs) for a fn that treats each position of its (B, T, ...) inputs on its own, applied to time pieces."""
-    size = _piece_length(xs[0][:, :1].numel())
+    size = _piece_length(xs[0][:, :1].numel(), xs[0].device)
     if xs[0].shape[1] <= size:
         return fn(*xs)
     return torch.cat([fn(*piece) for piece in zip(*(x.split(size, dim=1) for x in xs))], dim=1)
@@ -339,7 +344,7 @@ def memory_chunk_coefficients(lr: torch.Tensor, log_eta: torch.Tensor, log_keep:
     """
     # chunks are independent: long inputs go by pieces of whole chunks, so that the (B, H, T, b) temporaries stay
     # small (see `_PIECE_ELEMENTS`)
-    size = _piece_length(lr[..., :1].numel() * chunk_size, chunk_size)
+    size = _piece_length(lr[..., :1].numel() * chunk_size, lr.device, chunk_size)
     if lr.shape[-1] > size:
         pieces = zip(*(t.split(size, dim=-1) for t in (lr, log_eta, log_keep)))
         g, *per_token = zip(*(memory_chunk_coefficients(*piece, chunk_size) for piece in pieces))
@@ -1551,7 +1556,7 @@ class TitansNeuralMemory(nn.Module):
 
     def _qkv(self, x: torch.Tensor, conv_state: torch.Tensor | None):
         """q, k, v = SiLU(ShortConv(x W)), q/k (and v, D5) ℓ2-normalised per head (§4.4): (B, H, T, d) each."""
-        size = _piece_length(x[:, :1].numel())
+        size = _piece_length(x[:, :1].numel(), x.device)
         if conv_state is None and x.shape[1] > size:  # long input: by time pieces (`_PIECE_ELEMENTS`), each piece's
             pieces, state = [], None  # conv state being the last K-1 projections of the pieces before it
             for piece in x.split(size, dim=1):
@@ -2377,7 +2382,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
     def _attention(self, x, position_embeddings, positions, layer_cache, **kwargs):
         """Sliding-window attention. Long inputs without a cache go by time pieces (`_PIECE_ELEMENTS`), each seeing
         the last window-1 keys of the piece before through a scratch cache, exactly as a continued cache does."""
-        size = _piece_length(x[:, :1].numel(), self.config.attention_window)
+        size = _piece_length(x[:, :1].numel(), x.device, self.config.attention_window)
         if layer_cache is not None or x.shape[1] <= size or self.config._attn_implementation == "flex_attention":
             return self.self_attn(x, position_embeddings, positions, layer_cache, **kwargs)[0]
         scratch = TitansLayerCache()

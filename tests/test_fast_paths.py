@@ -284,6 +284,41 @@ def test_pieces_of_long_inputs_equal_one_piece(variant, monkeypatch, conv_size):
             torch.testing.assert_close(g, one, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["mag", "mal", "lmm"])  # (MAC's segment cuts read the positions: no meta run)
+def test_pieces_are_cpu_only(variant, monkeypatch):
+    """The pieces answer glibc's heap: off the CPU (here the meta device, which runs the same Python without data)
+    a long input goes through the attention, MLP, conv and chunk coefficients in one call each, as on the CPU with
+    pieces larger than the input; the CPU with small pieces makes more calls."""
+    import modeling_titans
+
+    counted = {}
+
+    def spy(owner, name):
+        original, key = getattr(owner, name), f"{owner.__name__}.{name}"
+
+        def wrapper(*args, **kwargs):
+            counted[key] = counted.get(key, 0) + 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for owner, name in [(modeling_titans.TitansAttention, "forward"), (modeling_titans.TitansMLP, "forward"),
+                        (modeling_titans.TitansNeuralMemory, "_qkv"), (modeling_titans, "memory_chunk_coefficients")]:
+        spy(owner, name)
+    model = tiny_model(variant).train()
+
+    def calls(device, piece_elements):
+        monkeypatch.setattr(modeling_titans, "_PIECE_ELEMENTS", piece_elements)
+        counted.clear()
+        x = torch.randn(2, 45, model.config.hidden_size, device=device, requires_grad=True)
+        model.to(device)(inputs_embeds=x, use_cache=False).logits.sum().backward()
+        return dict(counted)
+
+    one_piece, pieces = calls("cpu", 1 << 30), calls("cpu", 2 * 9 * 32)
+    assert all(pieces[name] > n for name, n in one_piece.items()), (one_piece, pieces)
+    assert calls("meta", 2 * 9 * 32) == one_piece
+
+
 def check_autocast_leaves_the_memory_in_fp32(variant, device="cpu"):
     """Under torch.autocast (Trainer --bf16) the inner optimisation stays fp32 (model card D16): the memory scan gives
     bit-identical results with and without autocast, while the rest of the model runs in bf16 and tracks fp32."""
