@@ -294,3 +294,29 @@ def test_no_trim_rows_compare_with_their_variant_without_targets():
     assert rows["mac_no_trim / mac tok/s @ 4x4096"]["value"] == pytest.approx(1.2)
     assert rows["mac_no_trim / titans-pytorch tok/s @ 4x4096"]["value"] == pytest.approx(12.0)
     assert all(r["target"] is None and r["passed"] is None for r in rows.values())
+
+
+def test_count_ops_launches_do_not_grow_with_the_length(monkeypatch):
+    """scripts/count_ops.py on the meta device (the accelerator's Python path): a training step of the memory-disabled
+    model and of MAG makes as many kernel calls at 4x the length, the fused scan two launches per memory layer, no
+    host read; the PyTorch scan's chunk loop does grow (the count sees per-length work)."""
+    spec = importlib.util.spec_from_file_location("titans_count_ops_script", os.path.join(ROOT, "scripts", "count_ops.py"))
+    count_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(count_ops)
+    monkeypatch.setenv("TITANS_MEMORY_KERNEL", "compile")  # overridden inside the count, restored after it
+    monkeypatch.setattr(count_ops.mt, "_PIECE_ELEMENTS", 2 * 32 * 16)  # on the CPU: pieces of 16 tokens
+    dims = dict(count_ops.benchmark.QUICK_DIMS, num_layers=2)
+    for model in ("swa", "mag"):
+        short, long = (count_ops.count_step(model, dims, n, 2) for n in (64, 256))
+        assert short["kernel_calls"] == long["kernel_calls"] > 0, (short, long)
+        assert short["host_reads"] == 0
+        assert sum(long["triton_launches"].values()) == (4 if model == "mag" else 0), long
+    short, long = (count_ops.count_step("mag", dims, n, 2, triton=False) for n in (64, 256))
+    assert long["kernel_calls"] > short["kernel_calls"] and not long["triton_launches"]
+    assert os.environ["TITANS_MEMORY_KERNEL"] == "compile"
+    # the CLI prints a row per model and length and writes them
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "count_ops.py"), "--models", "swa,llama",
+                          "--lengths", "64", "--hidden-size", "32", "--intermediate-size", "96"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [line.split()[:2] for line in out.stdout.splitlines()[1:]] == [["swa", "64"], ["llama", "64"]], out.stdout
