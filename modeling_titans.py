@@ -1836,8 +1836,16 @@ def titans_attention_mask(q_pos, kv_pos, num_cached, num_persistent, window=None
     return torch.cat([prefix, allowed], dim=-1)[:, None]
 
 
+# flex attention's block size. Inductor's CPU flex kernel (torch 2.13) gave NaN or wrong outputs on an AVX2 CPU when
+# the keys were not whole blocks (pure-torch repro: 4 queries over 8 or 24 keys, compiled against uncompiled flex;
+# cf. pytorch/pytorch#159247), though the same tests had passed on an AVX-512 CPU: it evidently reads keys past the
+# end of a partial block. On the CPU, queries and keys are therefore padded with zeros to whole blocks; the padding is
+# never visible (`titans_mask_function`) and the padded rows' outputs are dropped.
+_FLEX_BLOCK = 128
+
+
 def titans_mask_function(q_pos, kv_pos, num_cached, num_persistent, window=None, segment=None, context=False,
-                         lookback=None, block=128):
+                         lookback=None, block=_FLEX_BLOCK):
     """`titans_attention_mask` as a mask function (b, h, q, kv) -> bool, for flex attention's BlockMask.
 
     It reads small per-row and per-column tensors instead of a dense (B, Lq, Lk) mask, so memory stays O(B·L). A
@@ -1876,7 +1884,7 @@ def titans_mask_function(q_pos, kv_pos, num_cached, num_persistent, window=None,
 
 
 def titans_block_mask(q_pos, kv_pos, num_cached, num_persistent, window=None, segment=None, context=False,
-                      lookback=None, block=128):
+                      lookback=None, block=_FLEX_BLOCK, whole_blocks=False):
     """flex attention's BlockMask for `titans_mask_function`, from the position range of each block.
 
     `create_block_mask` (what masking_utils calls) evaluates the mask function on every (query, key) pair to find
@@ -1885,6 +1893,7 @@ def titans_block_mask(q_pos, kv_pos, num_cached, num_persistent, window=None, se
     with the length. Here a block pair is kept when its position ranges allow a visible pair, in O(B·(Lq/block)·
     (Lk/block)). The kept set is a superset of the blocks with a visible pair (tight for training positions), and
     the mask function decides each pair inside the kept blocks, so the attention is the same.
+    `whole_blocks`: for queries and keys padded to whole blocks (`_FLEX_BLOCK`); the padding is never visible.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -1925,7 +1934,8 @@ def titans_block_mask(q_pos, kv_pos, num_cached, num_persistent, window=None, se
                                    context=context, lookback=lookback, block=block)
     # wrapped as masking_utils wraps every mask function (offsets 0): passed bare, inductor's CPU flex template
     # failed to compile (undeclared variable) when a second length recompiled flex (torch 2.13)
-    return BlockMask.from_kv_blocks(counts[:, None], order[:, None], BLOCK_SIZE=block, seq_lengths=(q_len, kv_len),
+    lengths = (n_q * block, n_k * block) if whole_blocks else (q_len, kv_len)
+    return BlockMask.from_kv_blocks(counts[:, None], order[:, None], BLOCK_SIZE=block, seq_lengths=lengths,
                                     mask_mod=add_offsets_to_mask_function(visible, 0, 0))
 
 
@@ -2018,7 +2028,8 @@ class TitansAttention(nn.Module):
         keep = self.window - 1  # a query sees itself and at most window-1 earlier tokens
         n_p = 0 if self.persistent_tokens is None else self.persistent_tokens.shape[0]
         flex = self.config._attn_implementation == "flex_attention"
-        blocked = False
+        whole_blocks = flex and query.device.type == "cpu"  # see _FLEX_BLOCK
+        blocked = False  # True: the attention returns rows past q_len, to drop
         if self.segment:  # MAC's retrieved tokens, aligned with the keys (the same positions)
             ctx_key, ctx_value = self._kv(context, cos, sin)
             if layer_cache is not None and layer_cache.context_keys is not None and not whole_segment:
@@ -2045,8 +2056,9 @@ class TitansAttention(nn.Module):
             lookback = self.config.num_memory_tokens
             if flex:
                 mask = titans_block_mask(
-                    positions, kv_pos, num_cached, n_p, context=True, lookback=lookback, **self.mac_reach
-                )
+                    positions, kv_pos, num_cached, n_p, context=True, lookback=lookback, **self.mac_reach,
+                    whole_blocks=whole_blocks,
+                )  # fmt: skip
             else:
                 mask = titans_attention_mask(positions, kv_pos, num_cached, 0, **self.mac_reach)
                 ctx_mask = titans_attention_mask(positions, kv_pos, num_cached, 0, lookback=lookback, **self.mac_reach)
@@ -2058,10 +2070,11 @@ class TitansAttention(nn.Module):
             blocked = True
         elif one_token:  # every cached key is visible
             mask, all_key, all_value = None, key, value
-        else:  # flex: its BlockMask, from the positions (no dense mask)
-            mask = (titans_block_mask if flex else titans_attention_mask)(
-                positions, kv_pos, num_cached, n_p, window=self.window
-            )
+        elif flex:  # its BlockMask, from the positions (no dense mask)
+            mask = titans_block_mask(positions, kv_pos, num_cached, n_p, window=self.window, whole_blocks=whole_blocks)
+            all_key, all_value = key, value
+        else:
+            mask = titans_attention_mask(positions, kv_pos, num_cached, n_p, window=self.window)
             all_key, all_value = key, value
 
         if layer_cache is not None:
@@ -2077,6 +2090,9 @@ class TitansAttention(nn.Module):
             all_key = torch.cat([p_key, all_key], dim=2)
             all_value = torch.cat([p_value, all_value], dim=2)
 
+        if whole_blocks:
+            whole = lambda t: F.pad(t, (0, 0, 0, -t.shape[2] % _FLEX_BLOCK))  # noqa: E731
+            query, all_key, all_value, blocked = whole(query), whole(all_key), whole(all_value), True
         impl = self.config._attn_implementation
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
         if impl.startswith("flash"):
@@ -2615,7 +2631,10 @@ class TitansModel(TitansPreTrainedModel):
                     f"input_ids contains token id {int(bad[0])}, outside the vocabulary [0, {self.config.vocab_size})."
                 )
             inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache is None:  # training makes no cache unless asked (`use_cache=True`): with one, every memory layer
+            # returns its state, which costs extra work and host reads per step (16 per MAG step at the anchor size,
+            # `scripts/count_ops.py`) for a cache that Trainer throws away
+            use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False  # the memory state is recomputed inside each checkpointed layer
         output_hidden_states = (

@@ -84,7 +84,7 @@ def count_step(model_name: str, dims: dict, length: int, batch: int, triton: boo
         ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
         with LaunchCounter() as counter:
             # embeddings passed in: the vocabulary check reads the ids on the host, which meta cannot answer
-            logits = model(inputs_embeds=model.get_input_embeddings()(ids), use_cache=False).logits
+            logits = model(inputs_embeds=model.get_input_embeddings()(ids)).logits  # use_cache as Trainer leaves it
             logits.float().mean().backward()
     finally:
         for name, value in saved.items():

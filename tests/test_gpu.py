@@ -177,3 +177,34 @@ def test_cuda_compiled_decode_step_matches_eager(variant, monkeypatch):
     """TITANS_MEMORY_KERNEL=compile's decoding steps (per-layer memory step, then the whole step) as generated Triton
     kernels, against the eager steps."""
     check_compiled_decode_step_matches_eager(variant, monkeypatch, device=CUDA)
+
+
+@pytest.mark.parametrize("variant", ["swa", "mag", "lmm"])
+def test_cuda_training_step_launches_do_not_grow_with_the_length(variant, monkeypatch):
+    """The CUDA kernels of one training step (torch.profiler) at 4x the length: as many, give or take a few that
+    cuBLAS picks by size, with the CPU's pieces made small (`_PIECE_ELEMENTS`: they must stay CPU-only) and the fused
+    memory scan (d, chunk 16). `scripts/count_ops.py` predicts the same from the meta device."""
+    import modeling_titans
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch.device(CUDA).type != "cuda":
+        pytest.skip("kernel launches are a CUDA property")
+    monkeypatch.setattr(modeling_titans, "_PIECE_ELEMENTS", 2 * 16 * 32)  # on the CPU: pieces of 16 tokens
+    overrides = dict(memory_head_dim=16, memory_chunk_size=16, attention_window=16)
+    if variant == "swa":
+        overrides.update(variant="mag", memory_layers=[])
+    model = tiny_model(overrides.pop("variant", variant), **overrides).train().to(CUDA)
+
+    def kernels(length):
+        ids = torch.randint(2, 64, (2, length), generator=torch.Generator().manual_seed(0)).to(CUDA)
+        model(ids, labels=ids).loss.backward()  # warm-up: Triton compiles, cuBLAS picks its kernels
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(ids, labels=ids).loss.backward()
+            torch.cuda.synchronize()
+        model.zero_grad()
+        return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+    short, long = kernels(64), kernels(256)
+    assert 0 < long <= 1.1 * short, (short, long)

@@ -143,10 +143,20 @@ def test_flex_mask_function_equals_the_dense_mask(pattern, num_cached):
 
 
 @pytest.mark.parametrize("variant", ["mag", "mac"])
-def test_flex_attention_over_several_blocks_matches_eager(variant):
+def test_flex_attention_over_several_blocks_matches_eager(variant, monkeypatch):
     """flex with the BlockMask of `titans_block_mask` against eager attention where the mask spans several of flex's
     128-token blocks: 300 tokens, left padding of 140 in one row (a whole block of padding queries and one cut).
-    A short input first, so that the long one recompiles flex for a second length in the same process."""
+    A short input first, so that the long one recompiles flex for a second length in the same process. On the CPU
+    flex gets queries and keys in whole blocks (`_FLEX_BLOCK`: partial ones gave NaN on an AVX2 CPU)."""
+    from modeling_titans import _FLEX_BLOCK, ALL_ATTENTION_FUNCTIONS
+
+    lengths, flex_attention = [], ALL_ATTENTION_FUNCTIONS["flex_attention"]
+
+    def spy(module, query, key, value, *args, **kwargs):
+        lengths.append((query.shape[2], key.shape[2]))
+        return flex_attention(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flex_attention", spy)
     model = tiny_model(variant, scale=0.1)
     for length, padding in ((30, 4), (300, 140)):
         ids = torch.randint(2, 64, (2, length))
@@ -158,6 +168,7 @@ def test_flex_attention_over_several_blocks_matches_eager(variant):
             model.set_attn_implementation("flex_attention")
             flex = model(ids, attention_mask=mask).logits
         torch.testing.assert_close(flex[mask.bool()], eager[mask.bool()], atol=1e-5, rtol=0)
+    assert lengths and all(q % _FLEX_BLOCK == 0 and k % _FLEX_BLOCK == 0 for q, k in lengths), lengths
 
 
 @pytest.mark.parametrize("variant", ["mag", "mac"])
@@ -228,6 +239,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_training_makes_no_cache_unless_asked(variant):
+    """In train mode the default `use_cache` makes no cache (the memory layers need not return their states); asked
+    for, or in eval mode, there is one. The loss and gradients are the same either way."""
+    from modeling_titans import TitansCache
+
+    model = tiny_model(variant).train()
+    ids = torch.randint(2, 64, (2, 37), generator=torch.Generator().manual_seed(3))
+    results = []
+    for kwargs in ({}, {"use_cache": True}):
+        out = model(ids, labels=ids, **kwargs)
+        out.loss.backward()
+        results.append((out, torch.cat([p.grad.flatten() for p in model.parameters()])))
+        model.zero_grad()
+    (default, default_grad), (cached, cached_grad) = results
+    assert default.past_key_values is None and isinstance(cached.past_key_values, TitansCache)
+    torch.testing.assert_close(default.loss, cached.loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(default_grad, cached_grad, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        assert isinstance(model.eval()(ids).past_key_values, TitansCache)
 
 
 def test_sequence_length_is_not_capped():
