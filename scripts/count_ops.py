@@ -21,6 +21,7 @@ import collections
 import json
 import os
 import sys
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -71,28 +72,17 @@ def count_step(model_name: str, dims: dict, length: int, batch: int, triton: boo
     model, _, _ = benchmark.build_model(model_name, dims, length, "cpu", None)
     model = model.to("meta").train()
     launches = collections.Counter()
-    patched = {}
-    if triton:  # the fused scan's path, as on CUDA
+    patched = dict(_use_triton_scan=lambda *args: False)  # the PyTorch scan (what meta tensors get anyway)
+    if triton:  # the fused scan's path, as on CUDA (create: the kernels are absent where triton is not installed)
         patched = dict(_use_triton_scan=lambda *args: True, _tk_scan_fwd=_FakeTriton(launches, "scan_fwd"),
                        _tk_scan_bwd=_FakeTriton(launches, "scan_bwd"))  # fmt: skip
-    saved = {name: getattr(mt, name, None) for name in patched}
-    saved_mode = os.environ.get("TITANS_MEMORY_KERNEL")
-    os.environ["TITANS_MEMORY_KERNEL"] = "auto"  # CUDA's default path (not `compile`, whatever this shell sets)
-    try:
-        for name, value in patched.items():
-            setattr(mt, name, value)
-        ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
+    ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
+    # CUDA's default path (not `compile`, whatever this shell sets); both patches are undone on leaving
+    with mock.patch.dict(os.environ, {"TITANS_MEMORY_KERNEL": "auto"}), mock.patch.multiple(mt, create=True, **patched):
         with LaunchCounter() as counter:
             # embeddings passed in: the vocabulary check reads the ids on the host, which meta cannot answer
             logits = model(inputs_embeds=model.get_input_embeddings()(ids)).logits  # use_cache as Trainer leaves it
             logits.float().mean().backward()
-    finally:
-        for name, value in saved.items():
-            setattr(mt, name, value)
-        if saved_mode is None:
-            os.environ.pop("TITANS_MEMORY_KERNEL")
-        else:
-            os.environ["TITANS_MEMORY_KERNEL"] = saved_mode
     return {
         "model": model_name,
         "length": length,
