@@ -606,15 +606,20 @@ def _detached(tensors):
     return tuple(t.detach() for t in tensors)
 
 
-def _chunks(sequence, chunk_size):
+def _chunks(sequence, chunk_size, canonical=False):
     # Split once: per-chunk slicing would make the backward write a full-length zero gradient per chunk.
     q, k, v, g, *per_token = sequence
-    return list(
+    pieces = list(
         zip(
             *(t.split(chunk_size, dim=-2) for t in (q, k, v, g)),
             *(t.split(chunk_size, dim=-1) for t in per_token),
         )
     )
+    if canonical:  # for the compiled chunk functions, whose graphs guard on strides: a slice takes them from the
+        # whole length, so every new length (MAC: every segment length) compiled the same chunk again (up to 5 graphs
+        # in one MAC step of a left-padded batch). Row-major copies of one chunk cost little beside its products.
+        pieces = [tuple(map(_contiguous, piece)) for piece in pieces]
+    return pieces
 
 
 def _select(select_chunk, c, new, old):
@@ -682,7 +687,7 @@ def _scan_chunks(weights, momentum, sequence, chunk_size, activation, select_chu
     update = _chunk_functions()[0]
     outputs, boundaries = [], []
     selected_w, selected_s = weights, momentum
-    for c, piece in enumerate(_chunks(sequence, chunk_size)):
+    for c, piece in enumerate(_chunks(sequence, chunk_size, canonical=_use_compiled_memory())):
         if keep_states:
             boundaries.append((weights, momentum))
         out, weights, momentum = update(weights, momentum, *piece, activation, initial)
@@ -751,7 +756,8 @@ class _MemoryScanFunction(torch.autograd.Function):
             ctx.boundaries = [(tuple(b[c] for b in states_w), tuple(b[c] for b in states_s)) for c in range(n_chunks)]
         grad_pieces = []  # per chunk, last chunk first; concatenated at the end (no in-place writes: compile-safe)
         grad_initial = [torch.zeros_like(t) for t in initial]
-        inputs = _chunks(sequence, chunk_size)
+        compiled = _use_compiled_memory()
+        inputs = _chunks(sequence, chunk_size, canonical=compiled)
         chunk_backward = _chunk_functions()[1]
         zero = lambda ts: tuple(torch.zeros_like(t) for t in ts)  # noqa: E731
         if select_chunk is None:
@@ -763,9 +769,10 @@ class _MemoryScanFunction(torch.autograd.Function):
                 grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, c + 1, grad_sel_w, zero(grad_w))))
                 grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, c + 1, grad_sel_s, zero(grad_s))))
             start_w, start_s = ctx.boundaries[c]  # (made without autograd: already detached)
+            grad_piece = grad_out[..., c * chunk_size : (c + 1) * chunk_size, :]
             grad_w, grad_s, grad_init, *grads = chunk_backward(
                 start_w, start_s, *_detached(inputs[c]), ctx.activation, initial or None,
-                grad_out[..., c * chunk_size : (c + 1) * chunk_size, :], grad_w, grad_s,
+                _contiguous(grad_piece) if compiled else grad_piece, grad_w, grad_s,
             )  # fmt: skip
             grad_initial = [acc + g for acc, g in zip(grad_initial, grad_init or ())]
             grad_pieces.append(grads)

@@ -43,9 +43,11 @@ def test_training_path_equals_streaming_path(variant):
     torch.testing.assert_close(training, streaming, atol=1e-5, rtol=0)
 
 
-def _compiled_matches_eager(variant, backend):
-    model = tiny_model(variant).train()
-    ids = torch.randint(2, 64, (2, 32))
+def _compiled_matches_eager(variant, backend, length, **overrides):
+    # Short inputs: the traced scan is unrolled, and inductor generates kernels per chunk (each reads at other
+    # offsets): MAG at 32 tokens made 194 C++ kernels in 333 s on a cold 2-core machine, at 12 tokens 109
+    model = tiny_model(variant, **overrides).train()
+    ids = torch.randint(2, 64, (2, length))
     eager = model(ids, labels=ids)
     eager.loss.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
@@ -61,14 +63,17 @@ def _compiled_matches_eager(variant, backend):
 def test_torch_compile_training_step_matches_eager(variant):
     """Dynamo + AOTAutograd trace the memory (including the recomputing backward of `_MemoryScanFunction`)."""
     torch._dynamo.reset()
-    _compiled_matches_eager(variant, "aot_eager")
+    # MAG: two whole memory chunks and a partial one, past the attention window. MAC: two whole segments (a partial
+    # one adds graph breaks: 37 graphs instead of 30, 59 s instead of 29 traced)
+    _compiled_matches_eager(variant, "aot_eager", length=10 if variant == "mag" else 16)
 
 
 @pytest.mark.slow
 def test_inductor_training_step_matches_eager():
-    """Generated kernels (stated tolerance 1e-4 on logits, gradients 1e-4 + 0.1 %)."""
+    """Generated kernels (stated tolerance 1e-4 on logits, gradients 1e-4 + 0.1 %). One layer: a second one adds
+    compile time (185 against 130 s cold at 12 tokens), not kernels (109 against 102)."""
     torch._dynamo.reset()
-    _compiled_matches_eager("mag", "inductor")
+    _compiled_matches_eager("mag", "inductor", length=10, num_hidden_layers=1)
 
 
 @pytest.mark.slow
@@ -76,7 +81,9 @@ def test_inductor_training_step_matches_eager():
 def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
     """TITANS_MEMORY_KERNEL=compile (each chunk's forward and hand-written backward through inductor, and the memory's
     elementwise functions) against the eager scan: a training step on a left-padded batch (rows closing different
-    numbers of chunks) and greedy generation.
+    numbers of chunks) and a prefill of the same batch into a cache (the compiled chunk forward without autograd).
+    The compiled decoding steps are test_compiled_decode_step_matches_eager's. Every distinct shape, stride or grad
+    mode is one more inductor compile (each ~10-30 s on a cold 2-core CI machine), so this test keeps to those.
     Stated tolerances: logits 1e-5, gradients 1e-5 + 0.1 % (fp32 sums reassociated by the generated kernels)."""
     import modeling_titans
 
@@ -93,10 +100,16 @@ def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
         model.zero_grad()
         return out.logits.detach(), grads
 
+    def prefill():
+        with torch.no_grad():
+            cache = TitansCache(model.config)
+            logits = model.eval()(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        model.train()
+        return logits, cache.tensors()
+
     monkeypatch.setenv("TITANS_MEMORY_KERNEL", "torch")
     eager_logits, eager_grads = step()
-    with torch.no_grad():
-        eager_tokens = model.eval().generate(ids[:1, :20], max_new_tokens=12, do_sample=False)
+    eager_prefill, eager_state = prefill()
     monkeypatch.setenv("TITANS_MEMORY_KERNEL", "compile")
     calls, used = [], set()
     compiled, compiled_function = modeling_titans._compiled_chunk_functions(), modeling_titans._compiled_function
@@ -104,7 +117,6 @@ def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
                         lambda: calls.append(1) or compiled)  # fmt: skip
     monkeypatch.setattr(modeling_titans, "_compiled_function",
                         lambda fn: used.add(fn.__name__) or compiled_function(fn))  # fmt: skip
-    model.train()
     logits, grads = step()
     assert calls, "the compiled chunk functions were not used"
     elementwise = {"memory_qkv_activations", "memory_gates", "memory_chunk_coefficients", "memory_output_gate",
@@ -113,8 +125,35 @@ def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
     torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=0)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-3)
-    with torch.no_grad():
-        assert model.eval().generate(ids[:1, :20], max_new_tokens=12, do_sample=False).tolist() == eager_tokens.tolist()
+    calls.clear()
+    prefilled, state = prefill()
+    assert calls, "the prefill did not use the compiled chunk functions"
+    torch.testing.assert_close(prefilled, eager_prefill, atol=1e-5, rtol=0)
+    assert state.keys() == eager_state.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, eager_state[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_compiled_chunk_functions_trace_once_for_every_length(monkeypatch):
+    """Under TITANS_MEMORY_KERNEL=compile every chunk reaches the compiled chunk functions in one layout, whatever the
+    length it was cut from: one graph forward and one backward for inputs of 16, 24 and 32 tokens. Slices of the
+    whole sequence carried its length in their strides, on which graphs guard: a graph per length (in one MAC step of
+    a left-padded batch, 3 forward and 5 backward). Traced with dynamo's counting backend (no inductor, fast)."""
+    import modeling_titans
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counters = CompileCounter(), CompileCounter()
+    functions = (modeling_titans.memory_chunk_update, modeling_titans.memory_chunk_update_backward)
+    compiled = tuple(torch.compile(fn, backend=counter) for fn, counter in zip(functions, counters))
+    monkeypatch.setattr(modeling_titans, "_compiled_chunk_functions", lambda: compiled)
+    monkeypatch.setattr(modeling_titans, "_compiled_function", lambda fn: fn)  # the elementwise functions stay eager
+    monkeypatch.setenv("TITANS_MEMORY_KERNEL", "compile")
+    model = tiny_model("mag").train()
+    for length in (16, 24, 32):  # whole chunks of 4: the same shapes, other strides
+        ids = torch.randint(2, 64, (2, length))
+        model(ids, labels=ids).loss.backward()
+    assert [counter.frame_count for counter in counters] == [1, 1]
 
 
 def test_compiled_conv_gets_its_taps_with_unit_stride(monkeypatch):
@@ -392,24 +431,28 @@ def test_cpu_training_rms_norm_matches_the_composite_and_keeps_less():
     torch.testing.assert_close(ours_per_sample, theirs_per_sample, rtol=1e-5, atol=1e-6)
 
 
-def test_memory_kernel_settings_are_validated():
+def test_memory_kernel_settings_are_validated(monkeypatch):
     """The fused kernels' settings (read at import): a bad value stops the import with an error naming the variable,
-    good ones reach the launch arguments (default: tf32x3 products and 8 warps at E = 128)."""
-    import subprocess
-    import sys
+    good ones reach the launch arguments (default: tf32x3 products and 8 warps at E = 128). Each setting runs the
+    module's code afresh, as a private module (one subprocess per import cost ~5 s each)."""
+    import importlib.util
 
     import modeling_titans as mt
-    from conftest import ROOT
 
-    def run(**values):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TITANS_MEMORY_KERNEL_")} | values
-        code = "import modeling_titans as mt; print(mt._TRITON_PRECISION, mt._triton_warps(128))"
-        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    def load(**values):
+        for name in [k for k in os.environ if k.startswith("TITANS_MEMORY_KERNEL_")]:
+            monkeypatch.delenv(name)
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        spec = importlib.util.spec_from_file_location("titans_settings_check", mt.__file__)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
 
     for name, bad in (("TITANS_MEMORY_KERNEL_PRECISION", "fp16"), ("TITANS_MEMORY_KERNEL_WARPS", "3")):
-        failed = run(**{name: bad})
-        assert failed.returncode != 0 and name in failed.stderr and "ValueError" in failed.stderr
-    ok = run(TITANS_MEMORY_KERNEL_PRECISION="tf32", TITANS_MEMORY_KERNEL_WARPS="4")
-    assert ok.returncode == 0 and ok.stdout.split() == ["tf32", "4"], ok.stderr
-    if not any(k.startswith("TITANS_MEMORY_KERNEL_") for k in os.environ):  # this process has the defaults
-        assert (mt._TRITON_PRECISION, mt._triton_warps(128), mt._triton_warps(64)) == ("tf32x3", 8, 4)
+        with pytest.raises(ValueError, match=name):
+            load(**{name: bad})
+    ok = load(TITANS_MEMORY_KERNEL_PRECISION="tf32", TITANS_MEMORY_KERNEL_WARPS="4")
+    assert (ok._TRITON_PRECISION, ok._triton_warps(128)) == ("tf32", 4)
+    default = load()
+    assert (default._TRITON_PRECISION, default._triton_warps(128), default._triton_warps(64)) == ("tf32x3", 8, 4)
