@@ -43,6 +43,11 @@ except ImportError:  # installed top-level py_module, or run from the repository
 logger = logging.get_logger(__name__)
 
 
+def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / RMS(x) over the last dim, as `F.rms_norm` computes it."""
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm over the last dim with a hand-written backward, for fp32 training on CPU. There `F.rms_norm` is
     composite: autograd records six nodes (pow, mean, add, rsqrt, two products) and keeps the normalised x beside x.
@@ -53,7 +58,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, eps):
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        rstd = _rstd(x, eps)
         return x * rstd * weight, rstd
 
     @staticmethod
@@ -85,9 +90,7 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> t
         return F.rms_norm(hidden_states, weight.shape, weight, eps)
     input_dtype = hidden_states.dtype
     hidden_states = hidden_states.to(torch.float32)
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + eps)
-    return weight * hidden_states.to(input_dtype)
+    return weight * (hidden_states * _rstd(hidden_states, eps)).to(input_dtype)
 
 
 class TitansRMSNorm(nn.Module):

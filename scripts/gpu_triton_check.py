@@ -106,7 +106,8 @@ def main():
     parser.add_argument("--check-length", type=int, default=4096)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--activation", default="silu")
-    parser.add_argument("--num-warps", type=int, default=None, help="warps per program (TITANS_MEMORY_KERNEL_WARPS)")
+    parser.add_argument("--num-warps", type=int, default=None, choices=(1, 2, 4, 8, 16),
+                        help="warps per program (TITANS_MEMORY_KERNEL_WARPS)")
     parser.add_argument("--scaling", type=int, nargs="*", default=[], help="batch sizes for the program-count sweep")
     parser.add_argument("--scaling-length", type=int, default=4096)
     parser.add_argument("--output", default=None, help="also write the final JSON here")

@@ -70,7 +70,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernel", nargs="+", choices=["fwd", "bwd"], default=["fwd", "bwd"])
     parser.add_argument("--precision", default=mt._TRITON_PRECISION, choices=["ieee", "tf32x3", "tf32"])
-    parser.add_argument("--num-warps", type=int, default=None, help="default: the launch's (8 at E >= 128, else 4)")
+    parser.add_argument("--num-warps", type=int, default=None, choices=(1, 2, 4, 8, 16),
+                        help="default: the launch's (8 at E >= 128, else 4)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--d", type=int, default=64, help="memory head dimension")
     parser.add_argument("--e", type=int, default=128, help="memory hidden width (depth 2)")
