@@ -192,9 +192,9 @@ def test_cuda_training_step_launches_do_not_grow_with_the_length(variant, monkey
         pytest.skip("kernel launches are a CUDA property")
     monkeypatch.setattr(modeling_titans, "_PIECE_ELEMENTS", 2 * 16 * 32)  # on the CPU: pieces of 16 tokens
     overrides = dict(memory_head_dim=16, memory_chunk_size=16, attention_window=16)
-    if variant == "swa":
-        overrides.update(variant="mag", memory_layers=[])
-    model = tiny_model(overrides.pop("variant", variant), **overrides).train().to(CUDA)
+    if variant == "swa":  # the memory-disabled model
+        variant, overrides["memory_layers"] = "mag", []
+    model = tiny_model(variant, **overrides).train().to(CUDA)
 
     def kernels(length):
         ids = torch.randint(2, 64, (2, length), generator=torch.Generator().manual_seed(0)).to(CUDA)
