@@ -11,6 +11,7 @@ decoder layer -> cache -> PreTrainedModel -> Model -> ForCausalLM.
 import contextlib
 import ctypes
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -561,7 +562,8 @@ def memory_scan(
     `select_chunk[r]` chunks (rows may hold different numbers of real tokens); otherwise the final state.
 
     With autograd on, `_MemoryScanFunction` keeps only the chunk-boundary states for the backward and recomputes
-    one chunk at a time there: the per-token activations of all chunks are never alive at once.
+    one chunk at a time there: the per-token activations of all chunks are never alive at once. Traced by
+    torch.compile, the scan is one operator of the graph (`_MEMORY_SCAN_OP`) that does the same.
     """
     initial = tuple(initial) if initial is not None else ()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (lr, log_eta, log_keep)):
@@ -572,24 +574,17 @@ def memory_scan(
     else:
         coefficients = _maybe_compiled(memory_chunk_coefficients)(lr, log_eta, log_keep, chunk_size)
     tensors = (*weights, *momentum, *initial, q, k, v, *coefficients)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        out, *state = _MemoryScanFunction.apply(chunk_size, activation, len(weights), select_chunk, *tensors)
-        return out, tuple(state[: len(weights)]), tuple(state[len(weights) :])
-    if _use_triton_scan(tensors, len(weights), chunk_size, activation, select_chunk):
-        try:
-            out, new_w, new_s, _ = _triton_scan_forward(
-                weights, momentum, initial, (q, k, v, *coefficients), chunk_size, activation, keep_states=False
-            )
-            return out, new_w, new_s
-        except Exception as error:
-            _triton_failed(_triton_key(tensors, len(weights), chunk_size, activation, initial), error)
-    if _use_compiled_memory():  # one graph for the compiled chunk (it guards on strides and requires_grad): a
-        # prefill's q/k/v are token-major or padded, the chunk buffers of decoding are not; state may view parameters
-        q, k, v = _contiguous(q), _contiguous(k), _contiguous(v)
-        weights, momentum, initial = _detached(weights), _detached(momentum), _detached(initial)
-    out, new_w, new_s, _ = _scan_chunks(
-        weights, momentum, (q, k, v, *coefficients), chunk_size, activation, select_chunk, initial or None
-    )
+    depth, needs_grad = len(weights), torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if torch.compiler.is_compiling():  # one node of the captured graph at any length (`_MEMORY_SCAN_OP`)
+        out, *state = _MEMORY_SCAN_OP(list(tensors), select_chunk, depth, chunk_size, activation, needs_grad)
+        return out, tuple(state[:depth]), tuple(state[depth : 2 * depth])
+    if needs_grad:
+        out, *state = _MemoryScanFunction.apply(chunk_size, activation, depth, select_chunk, *tensors)
+        return out, tuple(state[:depth]), tuple(state[depth:])
+    if _use_compiled_memory():  # one graph for the compiled chunk (it guards on strides): a prefill's q/k/v are
+        # token-major or padded, the chunk buffers of decoding are not
+        tensors = (*tensors[: -_SEQUENCE_INPUTS], *map(_contiguous, tensors[-_SEQUENCE_INPUTS:]))
+    out, new_w, new_s, _, _ = _scan_forward(tensors, depth, chunk_size, activation, select_chunk, keep_states=False)
     return out, new_w, new_s
 
 
@@ -703,6 +698,87 @@ def _scan_chunks(weights, momentum, sequence, chunk_size, activation, select_chu
     return torch.cat(outputs, dim=-2), selected_w, selected_s, boundaries
 
 
+def _scan_forward(tensors, depth, chunk_size, activation, select_chunk, keep_states):
+    """The scan without autograd: (outputs, final weights, final momentum, boundaries, fused). With `keep_states`,
+    `boundaries` are the states at every chunk start: the fused kernels' (n_chunks + 1)-slot buffers per layer as
+    (weights, momentum) when they ran (`fused`), else a list of (weights, momentum) per chunk."""
+    weights, momentum = tensors[:depth], tensors[depth : 2 * depth]
+    initial = tensors[2 * depth : -_SEQUENCE_INPUTS] or None
+    sequence = tensors[-_SEQUENCE_INPUTS:]
+    if _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk):  # (section below)
+        try:
+            out, new_w, new_s, boundaries = _triton_scan_forward(
+                weights, momentum, initial, sequence, chunk_size, activation, keep_states
+            )
+            return out, new_w, new_s, boundaries, True
+        except Exception as error:
+            _triton_failed(_triton_key(tensors, depth, chunk_size, activation, initial), error)
+    # detached (no-op without autograd): the compiled chunk functions guard on requires_grad, which differs between
+    # a MAC segment's first state and later segments' (two graphs for the same work otherwise)
+    out, new_w, new_s, boundaries = _scan_chunks(
+        _detached(weights), _detached(momentum), _detached(sequence), chunk_size, activation, select_chunk,
+        None if initial is None else _detached(initial), keep_states=keep_states,
+    )  # fmt: skip
+    return out, new_w, new_s, boundaries, False
+
+
+def _scan_backward(tensors, boundaries, fused, grad_out, grad_state, depth, select_chunk, chunk_size, activation):
+    """Gradients of the scan's `tensors` (weights, momentum, initial, the 8 sequence inputs) from those of its
+    outputs, each chunk recomputed from its start state in `boundaries` (`_scan_forward`) and differentiated by hand
+    (`memory_chunk_update_backward`), or by the fused backward kernel where the forward ran fused."""
+    initial = tuple(t.detach() for t in tensors[2 * depth : -_SEQUENCE_INPUTS])
+    sequence = tensors[-_SEQUENCE_INPUTS:]
+    grad_sel_w, grad_sel_s = grad_state[:depth], grad_state[depth:]
+    key = _triton_key(tensors, depth, chunk_size, activation, initial, backward=True)
+    if fused and key not in _TRITON_FAILED:  # one fused launch (see the Triton section below)
+        try:
+            grad_w, grad_s, grad_initial, grad_sequence = _triton_scan_backward(
+                boundaries, initial, sequence, grad_out, grad_sel_w, grad_sel_s, chunk_size, activation
+            )
+            grad_w = tuple(g.sum_to_size(w.shape) for g, w in zip(grad_w, tensors[:depth]))
+            grad_s = tuple(g.sum_to_size(s.shape) for g, s in zip(grad_s, tensors[depth : 2 * depth]))
+            return (*grad_w, *grad_s, *grad_initial, *grad_sequence)
+        except Exception as error:
+            _triton_failed(key, error)
+    if fused:  # the kernel's forward with the PyTorch backward: per-chunk views of its boundary buffers
+        boundaries = _chunk_states(*boundaries, sequence[0].shape[-2] // chunk_size)
+    grad_pieces = []  # per chunk, last chunk first; concatenated at the end (no in-place writes: compile-safe)
+    grad_initial = [torch.zeros_like(t) for t in initial]
+    compiled = _use_compiled_memory()
+    inputs = _chunks(sequence, chunk_size, canonical=compiled)
+    chunk_backward = _chunk_functions()[1]
+    zero = lambda ts: tuple(torch.zeros_like(t) for t in ts)  # noqa: E731
+    if select_chunk is None:
+        grad_w, grad_s = grad_sel_w, grad_sel_s
+    else:
+        grad_w, grad_s = zero(grad_sel_w), zero(grad_sel_s)
+    for c in reversed(range(len(inputs))):
+        if select_chunk is not None:
+            grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, c + 1, grad_sel_w, zero(grad_w))))
+            grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, c + 1, grad_sel_s, zero(grad_s))))
+        start_w, start_s = boundaries[c]  # (made without autograd: already detached)
+        grad_piece = grad_out[..., c * chunk_size : (c + 1) * chunk_size, :]
+        grad_w, grad_s, grad_init, *grads = chunk_backward(
+            start_w, start_s, *_detached(inputs[c]), activation, initial or None,
+            _contiguous(grad_piece) if compiled else grad_piece, grad_w, grad_s,
+        )  # fmt: skip
+        grad_initial = [acc + g for acc, g in zip(grad_initial, grad_init or ())]
+        grad_pieces.append(grads)
+    if select_chunk is not None:  # rows that closed no chunk return their input state
+        grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, 0, grad_sel_w, zero(grad_w))))
+        grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, 0, grad_sel_s, zero(grad_s))))
+    grad_sequence = [
+        torch.cat(pieces[::-1], dim=-2 if i < 4 else -1)  # q, k, v, g split along time rows; the rest per token
+        for i, pieces in enumerate(zip(*grad_pieces))
+    ]
+    return (*grad_w, *grad_s, *grad_initial, *grad_sequence)
+
+
+def _chunk_states(states_w, states_s, n_chunks):
+    """Per-chunk (weights, momentum) start states, as views of per-layer (slots, B, H, d_out, d_in) buffers."""
+    return [(tuple(b[c] for b in states_w), tuple(b[c] for b in states_s)) for c in range(n_chunks)]
+
+
 class _MemoryScanFunction(torch.autograd.Function):
     """`memory_scan` whose backward recomputes each chunk from its saved start state (activation checkpointing per
     chunk, done in one Function so that only one chunk's intermediates are alive in the backward) and differentiates
@@ -710,84 +786,131 @@ class _MemoryScanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chunk_size, activation, depth, select_chunk, *tensors):
-        weights, momentum = tensors[:depth], tensors[depth : 2 * depth]
-        initial = tensors[2 * depth : -_SEQUENCE_INPUTS] or None
-        sequence = tensors[-_SEQUENCE_INPUTS:]
-        ctx.triton = _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk)
-        if ctx.triton:  # fused kernel (section below); `boundaries` are its (n_chunks + 1)-slot state buffers
-            try:
-                out, new_w, new_s, boundaries = _triton_scan_forward(
-                    weights, momentum, initial, sequence, chunk_size, activation, keep_states=True
-                )
-            except Exception as error:
-                _triton_failed(_triton_key(tensors, depth, chunk_size, activation, initial), error)
-                ctx.triton = False
-        if not ctx.triton:
-            # detached (no-op here, grad is off): the compiled chunk functions guard on requires_grad, which differs
-            # between a MAC segment's first state and later segments' (two graphs for the same work otherwise)
-            out, new_w, new_s, boundaries = _scan_chunks(
-                _detached(weights), _detached(momentum), _detached(sequence), chunk_size, activation, select_chunk,
-                None if initial is None else _detached(initial), keep_states=True,
-            )  # fmt: skip
+        out, new_w, new_s, ctx.boundaries, ctx.fused = _scan_forward(
+            tensors, depth, chunk_size, activation, select_chunk, keep_states=True
+        )
         ctx.chunk_size, ctx.activation, ctx.depth, ctx.select_chunk = chunk_size, activation, depth, select_chunk
-        ctx.boundaries = boundaries
         ctx.save_for_backward(*tensors)
         return (out, *new_w, *new_s)
 
     @staticmethod
     def backward(ctx, grad_out, *grad_state):
-        depth, select_chunk, chunk_size = ctx.depth, ctx.select_chunk, ctx.chunk_size
-        tensors = ctx.saved_tensors
-        initial = tuple(t.detach() for t in tensors[2 * depth : -_SEQUENCE_INPUTS])
-        sequence = tensors[-_SEQUENCE_INPUTS:]
-        grad_sel_w, grad_sel_s = grad_state[:depth], grad_state[depth:]
-        key = _triton_key(tensors, depth, chunk_size, ctx.activation, initial, backward=True)
-        if ctx.triton and key not in _TRITON_FAILED:  # one fused launch (see the Triton section below)
-            try:
-                grad_w, grad_s, grad_initial, grad_sequence = _triton_scan_backward(
-                    ctx.boundaries, initial, sequence, grad_out, grad_sel_w, grad_sel_s, chunk_size, ctx.activation
-                )
-                ctx.boundaries = None
-                grad_w = tuple(g.sum_to_size(w.shape) for g, w in zip(grad_w, tensors[:depth]))
-                grad_s = tuple(g.sum_to_size(s.shape) for g, s in zip(grad_s, tensors[depth : 2 * depth]))
-                return (None, None, None, None, *grad_w, *grad_s, *grad_initial, *grad_sequence)
-            except Exception as error:
-                _triton_failed(key, error)
-        if ctx.triton:  # the kernel's forward with the PyTorch backward: per-chunk views of its boundary buffers
-            states_w, states_s = ctx.boundaries
-            n_chunks = states_w[0].shape[0] - 1
-            ctx.boundaries = [(tuple(b[c] for b in states_w), tuple(b[c] for b in states_s)) for c in range(n_chunks)]
-        grad_pieces = []  # per chunk, last chunk first; concatenated at the end (no in-place writes: compile-safe)
-        grad_initial = [torch.zeros_like(t) for t in initial]
-        compiled = _use_compiled_memory()
-        inputs = _chunks(sequence, chunk_size, canonical=compiled)
-        chunk_backward = _chunk_functions()[1]
-        zero = lambda ts: tuple(torch.zeros_like(t) for t in ts)  # noqa: E731
-        if select_chunk is None:
-            grad_w, grad_s = grad_sel_w, grad_sel_s
+        boundaries, ctx.boundaries = ctx.boundaries, None
+        grads = _scan_backward(
+            ctx.saved_tensors, boundaries, ctx.fused, grad_out, grad_state, ctx.depth, ctx.select_chunk,
+            ctx.chunk_size, ctx.activation,
+        )  # fmt: skip
+        return (None, None, None, None, *grads)
+
+
+# The scan as one operator for graphs that torch.compile captures (`memory_scan` under tracing). Traced, the scan's
+# Python loop over chunks is unrolled: the graph, its compile time and inductor's generated kernels grow with the
+# number of chunks (a training step of MAG at 4 x 1,024 took 576 s to compile on a 2-core CPU). As an opaque operator
+# it is one node at any length, run by `_scan_forward` / `_scan_backward`: the fused Triton kernels on CUDA, the
+# chunk loop (compiled chunk functions under TITANS_MEMORY_KERNEL=compile) elsewhere; inductor fuses the rest of the
+# model around it. Outputs: the memory outputs, the final (or selected) weights and momentum, and with `keep_states`
+# the (n_chunks, B, H, d_out, d_in) start states of every chunk per layer, which the backward reads. The operator
+# names carry a digest of this file, so that two copies of the code in one process (a local checkout and the same
+# repository loaded as Hub remote code) never share an operator, and an unchanged file keeps inductor's caches warm.
+with open(__file__, "rb") as _source:
+    _OP_NAMESPACE = "titans_" + hashlib.sha256(_source.read()).hexdigest()[:12]
+
+
+def _unaliased(outputs, inputs):
+    """Custom operators must not return their inputs or two views of one storage (e.g. a selected state that is
+    still the input state): copies where they would."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    result = []
+    for t in outputs:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        result.append(t.contiguous())
+    return result
+
+
+def _scan_op_forward(
+    tensors: list[torch.Tensor], select_chunk: torch.Tensor | None, depth: int, chunk_size: int, activation: str,
+    keep_states: bool,
+) -> list[torch.Tensor]:
+    out, new_w, new_s, boundaries, fused = _scan_forward(
+        tuple(tensors), depth, chunk_size, activation, select_chunk, keep_states
+    )
+    states = []
+    if keep_states:
+        n_chunks = out.shape[-2] // chunk_size
+        if fused:  # slots 0..n_chunks-1 of the kernels' buffers
+            states = [b[:n_chunks] for b in (*boundaries[0], *boundaries[1])]
         else:
-            grad_w, grad_s = zero(grad_sel_w), zero(grad_sel_s)
-        for c in reversed(range(len(inputs))):
-            if select_chunk is not None:
-                grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, c + 1, grad_sel_w, zero(grad_w))))
-                grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, c + 1, grad_sel_s, zero(grad_s))))
-            start_w, start_s = ctx.boundaries[c]  # (made without autograd: already detached)
-            grad_piece = grad_out[..., c * chunk_size : (c + 1) * chunk_size, :]
-            grad_w, grad_s, grad_init, *grads = chunk_backward(
-                start_w, start_s, *_detached(inputs[c]), ctx.activation, initial or None,
-                _contiguous(grad_piece) if compiled else grad_piece, grad_w, grad_s,
-            )  # fmt: skip
-            grad_initial = [acc + g for acc, g in zip(grad_initial, grad_init or ())]
-            grad_pieces.append(grads)
-        if select_chunk is not None:  # rows that closed no chunk return their input state
-            grad_w = tuple(g + s for g, s in zip(grad_w, _select(select_chunk, 0, grad_sel_w, zero(grad_w))))
-            grad_s = tuple(g + s for g, s in zip(grad_s, _select(select_chunk, 0, grad_sel_s, zero(grad_s))))
-        ctx.boundaries = None
-        grad_sequence = [
-            torch.cat(pieces[::-1], dim=-2 if i < 4 else -1)  # q, k, v, g split along time rows; the rest per token
-            for i, pieces in enumerate(zip(*grad_pieces))
-        ]
-        return (None, None, None, None, *grad_w, *grad_s, *grad_initial, *grad_sequence)
+            states = [torch.stack([chunk[i][layer] for chunk in boundaries]) for i in (0, 1) for layer in range(depth)]
+    return _unaliased([out, *new_w, *new_s, *states], [*tensors, select_chunk])
+
+
+def _scan_op_fake(tensors, select_chunk, depth, chunk_size, activation, keep_states):
+    q = tensors[-_SEQUENCE_INPUTS]
+    batch, n_chunks = q.shape[0], q.shape[-2] // chunk_size
+    states = [w.new_empty(batch, *w.shape[1:]) for w in tensors[: 2 * depth]]
+    kept = [w.new_empty(n_chunks, batch, *w.shape[1:]) for w in tensors[: 2 * depth]] if keep_states else []
+    return [torch.empty_like(q, memory_format=torch.contiguous_format), *states, *kept]
+
+
+def _scan_op_backward(
+    tensors: list[torch.Tensor], states: list[torch.Tensor], select_chunk: torch.Tensor | None,
+    grad_out: torch.Tensor, grad_state: list[torch.Tensor], depth: int, chunk_size: int, activation: str,
+) -> list[torch.Tensor]:
+    tensors = tuple(tensors)
+    n_chunks = tensors[-_SEQUENCE_INPUTS].shape[-2] // chunk_size
+    fused = _use_triton_scan(tensors, depth, chunk_size, activation, select_chunk)
+    boundaries = (states[:depth], states[depth:])
+    if not fused:
+        boundaries = _chunk_states(*boundaries, n_chunks)
+    grads = _scan_backward(
+        tensors, boundaries, fused, grad_out, grad_state, depth, select_chunk, chunk_size, activation
+    )
+    return _unaliased(list(grads), [*tensors, *states, select_chunk, grad_out, *grad_state])
+
+
+def _scan_op_backward_fake(tensors, states, select_chunk, grad_out, grad_state, depth, chunk_size, activation):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+
+
+def _scan_op_setup_context(ctx, inputs, output):
+    tensors, select_chunk, depth, chunk_size, activation, keep_states = inputs
+    if not keep_states:
+        raise RuntimeError("the memory scan operator differentiates only with keep_states=True")
+    ctx.args = (len(tensors), select_chunk is not None, depth, chunk_size, activation)
+    ctx.save_for_backward(*tensors, *output[1 + 2 * depth :], *([select_chunk] if select_chunk is not None else []))
+
+
+def _scan_op_grad(ctx, grads):
+    n, selects, depth, chunk_size, activation = ctx.args
+    saved = ctx.saved_tensors
+    tensors, states = saved[:n], saved[n : n + 2 * depth]
+    select_chunk = saved[-1] if selects else None
+    grad_out, grad_state = grads[0], grads[1 : 1 + 2 * depth]
+    grad_out = torch.zeros_like(tensors[-_SEQUENCE_INPUTS]) if grad_out is None else grad_out
+    grad_state = [torch.zeros_like(s[0]) if g is None else g for g, s in zip(grad_state, states)]
+    grads = _MEMORY_SCAN_BACKWARD_OP(
+        list(tensors), list(states), select_chunk, grad_out, grad_state, depth, chunk_size, activation
+    )
+    return list(grads), None, None, None, None, None
+
+
+def _register_memory_scan_operators():
+    """torch.ops.<_OP_NAMESPACE>.memory_scan and .memory_scan_backward (registered once per process and file)."""
+    namespace = getattr(torch.ops, _OP_NAMESPACE)
+    if not hasattr(namespace, "memory_scan"):
+        backward = torch.library.custom_op(f"{_OP_NAMESPACE}::memory_scan_backward", _scan_op_backward, mutates_args=())
+        backward.register_fake(_scan_op_backward_fake)
+        forward = torch.library.custom_op(f"{_OP_NAMESPACE}::memory_scan", _scan_op_forward, mutates_args=())
+        forward.register_fake(_scan_op_fake)
+        forward.register_autograd(_scan_op_grad, setup_context=_scan_op_setup_context)
+    return namespace.memory_scan, namespace.memory_scan_backward
+
+
+_MEMORY_SCAN_OP, _MEMORY_SCAN_BACKWARD_OP = _register_memory_scan_operators()
 
 
 # ----------------------------------------------------------------------------------------------------------------

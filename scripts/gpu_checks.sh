@@ -17,11 +17,15 @@
 #   profile   torch.profiler tables (CUDA kernel time) of one bf16 training step at 4 x 4,096 for $PROFILE_MODELS,
 #             Titans attention $PROFILE_ATTN (default sdpa; flex_attention for the block-sparse window)
 #   chunkc    the same benchmark with TITANS_MEMORY_KERNEL=compile (each chunk through inductor: fewer, fused launches)
+#   tcompile  (only when named) the kernel benchmark with every model through torch.compile(model) (--torch-compile):
+#             inductor fuses the elementwise work around the memory scan, which stays one operator (the fused Triton
+#             kernels), for $TCOMPILE_MODELS at $TCOMPILE_LENGTHS
 #   fsdp      FSDP2 through Trainer (torchrun, --fsdp, --bf16) for a few steps
 #   compile   the slow tests of tests/test_gpu.py (torch.compile / inductor on CUDA)
 #   decode    (only when named) cached decoding at contexts 128 and 8192 with TITANS_MEMORY_KERNEL=compile (one
 #             graph per steady step) for Titans, memory-disabled and Llama, batch 1, fp32
-# Usage: OUT=/tmp/gpu bash scripts/gpu_checks.sh [stage ...]   (default: all but flex and decode, in the order above)
+# Usage: OUT=/tmp/gpu bash scripts/gpu_checks.sh [stage ...]   (default: all but those named only when named, in the
+# order above)
 # DRY_RUN=1 prints the command of each named stage and runs none.
 # Named stages run in the order named, so a short lease can put first what matters most. DEADLINE_S (seconds from
 # the start) cuts each stage's limit to the time left and skips the stages that would get under 30 s.
@@ -105,6 +109,10 @@ stage profile ${BENCH_LIMIT:-300} $PY scripts/benchmark.py --device "${BENCH_DEV
 stage chunkc ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
     --models "${CHUNKC_MODELS:-swa,mag,lmm}" --lengths "${CHUNKC_LENGTHS:-4096}" \
     --note "${BENCH_NOTE:-gpu_checks.sh} compiled chunks" --output "$OUT/benchmark_gpu_chunkc.json"
+# (without --flops, as `large`: the count would run the step through the compiled model once more)
+stage tcompile ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${LARGE_ARGS[@]}" \
+    --models "${TCOMPILE_MODELS:-llama,swa,mag}" --lengths "${TCOMPILE_LENGTHS:-4096}" --torch-compile \
+    --note "${BENCH_NOTE:-gpu_checks.sh} torch.compile(model), fused memory kernels" --output "$OUT/benchmark_gpu_tcompile.json"
 stage fsdp 100 env TITANS_RANK_LOG_DIR="$LOGS" torchrun --nproc_per_node 1 scripts/train.py --output_dir /tmp/titans-fsdp \
     --fsdp --bf16 --max_steps 12 --logging_steps 4 --eval_strategy no \
     --stdlib_max_bytes 1000000 --block_size 256 --per_device_train_batch_size 8 --max_new_tokens 0 \

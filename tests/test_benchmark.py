@@ -98,6 +98,18 @@ def test_benchmark_decode_only_with_compiled_memory(tmp_path):
     assert os.path.getsize(out.with_suffix(".png")) > 1000 and "Ratios and targets" in stdout
 
 
+def test_benchmark_trains_through_torch_compile(tmp_path):
+    """--torch-compile BACKEND trains every HF model through torch.compile(model) (dynamo's aot_eager backend here:
+    the same capture as inductor without its C++ compile), recorded in the plan and the table's title."""
+    data, stdout, _ = run_quick(
+        tmp_path, "--models", "mag,llama", "--lengths", "64", "--no-decode", "--plot", "none",
+        "--torch-compile", "aot_eager",
+    )  # fmt: skip
+    assert data["plan"]["torch_compile"] == "aot_eager" and "torch.compile(model, backend='aot_eager')" in stdout
+    check_entries(data, ["mag", "llama"], [64], [])
+    assert all(e["compiled_graphs"] >= 1 for e in data["train"])
+
+
 def test_benchmark_skips_and_records_failures(tmp_path):
     """A child that exceeds --timeout is killed by the watchdog and recorded as such, not a crash."""
     data, _, _ = run_quick(

@@ -134,6 +134,35 @@ def test_compiled_chunk_scan_matches_eager(variant, monkeypatch):
         torch.testing.assert_close(tensor, eager_state[name], atol=1e-5, rtol=0, msg=name)
 
 
+def test_compiled_model_holds_the_scan_as_one_operator_at_any_length():
+    """torch.compile captures the memory scan as one operator (`_MEMORY_SCAN_OP`), not as its chunk loop unrolled:
+    the captured graphs of a training step hold as many products for 2 chunks as for 8 (the attention's masks do
+    grow with the length). Unrolled, the graph and inductor's compile time grew with the number of chunks (MAG at
+    4 x 1,024: 576 s to compile on a 2-core CPU)."""
+    import collections
+
+    graphs = []
+
+    def backend(gm, example_inputs):  # records dynamo's graphs, runs them as traced
+        graphs.append(gm)
+        return gm.forward
+
+    model = tiny_model("mag", num_hidden_layers=1).train()
+
+    def captured(length):
+        torch._dynamo.reset()
+        graphs.clear()
+        ids = torch.randint(2, 64, (2, length))
+        torch.compile(model, backend=backend)(ids, labels=ids).loss.backward()
+        modules = [m for g in graphs for m in g.modules() if isinstance(m, torch.fx.GraphModule)]  # with subgraphs
+        return collections.Counter(str(n.target) for m in modules for n in m.graph.nodes if n.op == "call_function")
+
+    short, long = captured(8), captured(32)
+    assert sum(count for target, count in short.items() if target.endswith(".memory_scan")) == 1
+    products = lambda ops: {t: n for t, n in ops.items() if any(p in t for p in ("matmul", "bmm", "linear"))}  # noqa: E731
+    assert products(short) == products(long)
+
+
 def test_compiled_chunk_functions_trace_once_for_every_length(monkeypatch):
     """Under TITANS_MEMORY_KERNEL=compile every chunk reaches the compiled chunk functions in one layout, whatever the
     length it was cut from: one graph forward and one backward for inputs of 16, 24 and 32 tokens. Slices of the

@@ -205,11 +205,13 @@ def test_warns_when_a_chunk_step_can_exceed_one(caplog):
         hf_logging.disable_propagation()
 
 
+@pytest.mark.parametrize("path", ["function", "operator"])
 @pytest.mark.parametrize("select", [None, (3, 0)])
-def test_recomputing_backward_equals_autograd(select):
-    """`_MemoryScanFunction` (saves chunk-boundary states, recomputes each chunk in the backward) against plain
-    autograd through the same chunk loop, for every input, including the per-row selected end state."""
-    from modeling_titans import _scan_chunks, memory_chunk_coefficients
+def test_recomputing_backward_equals_autograd(select, path):
+    """`_MemoryScanFunction` (saves chunk-boundary states, recomputes each chunk in the backward) and the scan operator
+    that compiled graphs call (`_MEMORY_SCAN_OP`, which returns those states as outputs) against plain autograd
+    through the same chunk loop, for every input, including the per-row selected end state."""
+    from modeling_titans import _MEMORY_SCAN_OP, _scan_chunks, memory_chunk_coefficients
 
     def run(recompute):
         weights, q, k, v, lr, eta, alpha = _random_problem(2, 12, seed=7)
@@ -219,11 +221,17 @@ def test_recomputing_backward_equals_autograd(select):
         leaves = [t.requires_grad_() for t in (*weights, *momentum, *initial, q, k, v, lr, eta.log(), (1 - alpha).log())]
         W, S, init, seq = leaves[0:2], leaves[2:4], leaves[4:6], leaves[6:]
         sel = None if select is None else torch.tensor(select)
-        if recompute:
+        if recompute and path == "function":
             out, w_end, s_end = memory_scan(tuple(W), tuple(S), *seq, 4, "silu", sel, tuple(init))
         else:
             coefficients = memory_chunk_coefficients(*seq[3:], 4)
-            out, w_end, s_end, _ = _scan_chunks(tuple(W), tuple(S), (*seq[:3], *coefficients), 4, "silu", sel, tuple(init))
+            tensors = (*W, *S, *init, *seq[:3], *coefficients)
+            if recompute:  # outputs, end states, then the (n_chunks, B, H, d_out, d_in) chunk-start states
+                out, *states = _MEMORY_SCAN_OP(list(tensors), sel, 2, 4, "silu", True)
+                w_end, s_end = states[:2], states[2:4]
+                assert [tuple(t.shape) for t in states[4:]] == [(3, *w.shape) for w in (*W, *S)]
+            else:
+                out, w_end, s_end, _ = _scan_chunks(tuple(W), tuple(S), tensors[6:], 4, "silu", sel, tuple(init))
         gen = torch.Generator().manual_seed(5)
         loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in (out, *w_end, *s_end))
         loss.backward()
@@ -231,6 +239,21 @@ def test_recomputing_backward_equals_autograd(select):
 
     for fast, slow in zip(run(True), run(False)):
         torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
+
+
+def test_scan_operator_passes_opcheck():
+    """The scan operator's registration (schema, fake shapes and strides, autograd, AOT dispatch), by
+    `torch.library.opcheck`, with and without per-row selected end states and with states kept or not."""
+    from modeling_titans import _MEMORY_SCAN_OP, memory_chunk_coefficients
+
+    weights, q, k, v, lr, eta, alpha = (t.float() if torch.is_tensor(t) else [w.float() for w in t] for t in _random_problem(2, 8))
+    momentum = [w * 0.1 for w in weights]
+    initial = [w[:1] + 0.1 for w in weights]
+    tensors = [*weights, *momentum, *initial, q, k, v, *memory_chunk_coefficients(lr, eta.log(), (1 - alpha).log(), 4)]
+    for select in (None, torch.tensor([2, 0])):
+        for keep_states in (True, False):
+            args = ([t.detach().requires_grad_(keep_states) for t in tensors], select, 2, 4, "silu", keep_states)
+            torch.library.opcheck(_MEMORY_SCAN_OP.default, args)
 
 
 @pytest.mark.parametrize("with_initial", [False, True])

@@ -87,9 +87,12 @@ def _problem(depth, with_initial, d=D, hidden=E, weight_batch=B, seed=0):
     return [t.to(DEVICE).contiguous() for t in tensors]
 
 
-def _run(tensors, depth, activation, cotangent_seed=1):
+def _run(tensors, depth, activation, cotangent_seed=1, operator=False):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    outs = mt._MemoryScanFunction.apply(C, activation, depth, None, *leaves)
+    if operator:  # what compiled graphs call: outputs and end states, then the chunk-start states it keeps
+        outs = mt._MEMORY_SCAN_OP(leaves, None, depth, C, activation, True)[: 1 + 2 * depth]
+    else:
+        outs = mt._MemoryScanFunction.apply(C, activation, depth, None, *leaves)
     gen = torch.Generator().manual_seed(cotangent_seed)
     cotangents = [torch.randn(o.shape, generator=gen).to(DEVICE) for o in outs]
     torch.autograd.backward(outs, cotangents)
@@ -123,6 +126,18 @@ def test_kernel_matches_torch_scan(spy, monkeypatch, depth, with_initial, activa
     monkeypatch.setenv("TITANS_MEMORY_KERNEL", "torch")
     ref_out, ref_grads = _run(tensors, depth, activation)
     assert spy == {"forward": 1, "backward": 1}
+    _assert_close(out, ref_out, "outputs/states")
+    _assert_close(grads, ref_grads, "gradients")
+
+
+def test_scan_operator_runs_the_kernels(spy, monkeypatch):
+    """The scan operator of compiled graphs (`_MEMORY_SCAN_OP`) runs the kernel pair, its backward from the
+    chunk-start states it returned (n_chunks slots of the forward's buffers), and matches the PyTorch scan."""
+    tensors = _problem(2, True, seed=5)
+    out, grads = _run(tensors, 2, "silu", operator=True)
+    assert spy == {"forward": 1, "backward": 1}
+    monkeypatch.setenv("TITANS_MEMORY_KERNEL", "torch")
+    ref_out, ref_grads = _run(tensors, 2, "silu")
     _assert_close(out, ref_out, "outputs/states")
     _assert_close(grads, ref_grads, "gradients")
 
