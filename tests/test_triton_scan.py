@@ -193,19 +193,24 @@ def test_dispatch_switch(monkeypatch):
     assert not mt._use_triton_scan([t.double() for t in tensors], 1, C, "silu", None)  # fp32 only
 
 
-def test_model_training_step_matches(spy, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_model_training_step_matches(spy, monkeypatch, compiled):
     """A whole TitansForCausalLM training step (MAG, d=16, chunk 16, two chunks) has the same loss and parameter
-    gradients with the kernels as with the PyTorch scan."""
+    gradients with the kernels as with the PyTorch scan; also through torch.compile(model) (dynamo's aot_eager
+    backend), where the kernels run inside the scan operator of the captured graph."""
     from conftest import randomize, tiny_config
 
     from modeling_titans import TitansForCausalLM
 
     model = randomize(TitansForCausalLM(tiny_config("mag", memory_head_dim=16, memory_chunk_size=16))).to(DEVICE)
     ids = torch.randint(2, 64, (2, 32), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    if compiled:
+        torch._dynamo.reset()
+    forward = torch.compile(model, backend="aot_eager") if compiled else model
 
     def step():
         model.zero_grad(set_to_none=True)
-        loss = model(ids, labels=ids).loss
+        loss = forward(ids, labels=ids).loss
         loss.backward()
         return [loss.detach()], [p.grad for p in model.parameters() if p.grad is not None]
 
