@@ -810,8 +810,9 @@ class _MemoryScanFunction(torch.autograd.Function):
 # chunk loop (compiled chunk functions under TITANS_MEMORY_KERNEL=compile) elsewhere; inductor fuses the rest of the
 # model around it. Outputs: the memory outputs, the final (or selected) weights and momentum, and with `keep_states`
 # the (n_chunks, B, H, d_out, d_in) start states of every chunk per layer, which the backward reads. The operator
-# names carry a digest of this file, so that two copies of the code in one process (a local checkout and the same
-# repository loaded as Hub remote code) never share an operator, and an unchanged file keeps inductor's caches warm.
+# names carry a digest of this file: two versions of the code in one process (a checkout and another revision loaded
+# as Hub remote code) never share an operator, identical copies register it once, and inductor's on-disk caches stay
+# valid as long as the file does not change.
 with open(__file__, "rb") as _source:
     _OP_NAMESPACE = "titans_" + hashlib.sha256(_source.read()).hexdigest()[:12]
 
