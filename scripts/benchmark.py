@@ -1174,6 +1174,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds {args.rounds}: expected a positive number of rounds")
+    if args.torch_compile and args.flops:  # the count would run the compiled step, whose kernels it cannot see
+        p.error("--flops counts the eager step: run it without --torch-compile")
     return args
 
 

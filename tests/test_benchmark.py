@@ -108,6 +108,9 @@ def test_benchmark_trains_through_torch_compile(tmp_path):
     assert data["plan"]["torch_compile"] == "aot_eager" and "torch.compile(model, backend='aot_eager')" in stdout
     check_entries(data, ["mag", "llama"], [64], [])
     assert all(e["compiled_graphs"] >= 1 for e in data["train"])
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--torch-compile", "--flops"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "--flops counts the eager step" in proc.stderr
 
 
 def test_benchmark_skips_and_records_failures(tmp_path):
