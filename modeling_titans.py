@@ -581,9 +581,6 @@ def memory_scan(
     if needs_grad:
         out, *state = _MemoryScanFunction.apply(chunk_size, activation, depth, select_chunk, *tensors)
         return out, tuple(state[:depth]), tuple(state[depth:])
-    if _use_compiled_memory():  # one graph for the compiled chunk (it guards on strides): a prefill's q/k/v are
-        # token-major or padded, the chunk buffers of decoding are not
-        tensors = (*tensors[: -_SEQUENCE_INPUTS], *map(_contiguous, tensors[-_SEQUENCE_INPUTS:]))
     out, new_w, new_s, _, _ = _scan_forward(tensors, depth, chunk_size, activation, select_chunk, keep_states=False)
     return out, new_w, new_s
 

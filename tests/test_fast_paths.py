@@ -63,7 +63,7 @@ def test_torch_compile_training_step_matches_eager(variant):
     """Dynamo + AOTAutograd trace the memory around its scan operator and that operator's registered backward."""
     torch._dynamo.reset()
     # MAG: two whole memory chunks and a partial one, past the attention window. MAC: two whole segments (a partial
-    # one adds graph breaks: 37 graphs instead of 30, 59 s instead of 29 traced)
+    # one adds graph breaks: 40 graphs instead of 30)
     _compiled_matches_eager(variant, "aot_eager", length=10 if variant == "mag" else 16)
 
 
