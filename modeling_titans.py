@@ -2771,6 +2771,13 @@ class TitansModel(TitansPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
+            # the weights have no common (query, key) layout here: MAG/MAL attend in window blocks, MAC per segment
+            # over [persistent | retrieved memory | segment], LMM not at all (model card, Limitations)
+            raise ValueError(
+                "Titans does not return attention weights (output_attentions=True): its attention runs in window "
+                "blocks or MAC segments, with no (query, key) matrix per layer. Use output_hidden_states instead."
+            )
         bsz, seq_len = inputs_embeds.shape[:2]
         cache = self._check_cache(past_key_values, bsz)
         if use_cache and cache is None:
@@ -2822,6 +2829,11 @@ class TitansModel(TitansPreTrainedModel):
             hidden_states = _position_wise(self.norm, hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+            if not isinstance(output_hidden_states, bool):  # an index or indices: the others are None, as in Llama
+                n = len(all_hidden_states)
+                picks = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
+                keep = {i % n for i in picks if -n <= i < n}
+                all_hidden_states = tuple(h if i in keep else None for i, h in enumerate(all_hidden_states))
         if cache is not None:
             cache.real_tokens = before + valid.sum(1)
             for layer in cache.layers:

@@ -350,6 +350,45 @@ def test_bad_attention_mask_shape_raises():
         model(torch.randint(2, 64, (2, 5)), attention_mask=torch.ones(2, 7))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hidden_states_are_each_layers_output(variant):
+    model = tiny_model(variant).eval()
+    ids = torch.randint(2, 64, (2, 21))
+    seen = []  # the reference: each decoder layer's output, taken by forward hooks
+    hooks = [layer.register_forward_hook(lambda m, a, out: seen.append(out)) for layer in model.model.layers]
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        picked = model(ids, output_hidden_states=[0, -2])
+        # one decoding step after a prefill gives the last position's states of the whole forward
+        prefix = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=prefix.past_key_values, output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    n = model.config.num_hidden_layers
+    states = out.hidden_states
+    assert len(states) == n + 1
+    torch.testing.assert_close(states[0], model.model.embed_tokens(ids))
+    for i in range(n - 1):
+        torch.testing.assert_close(states[i + 1], seen[i])
+    torch.testing.assert_close(states[-1], model.model.norm(seen[n - 1]))
+    assert [h is None for h in picked.hidden_states] == [False] + [True] * (n - 2) + [False, True]
+    torch.testing.assert_close(picked.hidden_states[0], states[0])
+    torch.testing.assert_close(picked.hidden_states[-2], states[-2])
+    for full, one in zip(states, step.hidden_states):
+        torch.testing.assert_close(one, full[:, -1:], atol=1e-5, rtol=1e-4)
+
+
+def test_output_attentions_is_refused_clearly():
+    model = tiny_model("mag")
+    model.set_attn_implementation("eager")  # the backend that would have weights to return
+    ids = torch.randint(2, 64, (1, 9))
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids, output_attentions=True)
+    model.config.output_attentions = True
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids)
+
+
 @pytest.mark.slow
 def test_save_and_reload_in_a_fresh_process(tmp_path):
     model = tiny_model("mac")
