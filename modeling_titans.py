@@ -2808,6 +2808,8 @@ class TitansModel(TitansPreTrainedModel):
         positions = (before[:, None] + valid.long().cumsum(1) - 1).masked_fill(~valid, -1)
         if position_ids is None:
             position_ids = positions.clamp(min=0)
+        elif seq_len > 1 and not torch.compiler.is_compiling():
+            _refuse_packed_sequences(position_ids, valid)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -2841,6 +2843,20 @@ class TitansModel(TitansPreTrainedModel):
                 layer.is_initialized = True
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states
+        )
+
+
+def _refuse_packed_sequences(position_ids: torch.Tensor, valid: torch.Tensor) -> None:
+    """Packed sequences (position ids restarting inside a row, as `DataCollatorWithFlattening` makes them) would let
+    the memory and the window attention run on from one document into the next: refused rather than silently mixed.
+    Padding is skipped, so generate()'s ids for left-padded rows (1 at the pads) pass."""
+    ids = position_ids.long().expand(valid.shape).masked_fill(~valid, torch.iinfo(torch.long).min)
+    before = ids.cummax(dim=1).values[:, :-1]
+    if bool((valid[:, 1:] & (ids[:, 1:] <= before)).any()):
+        raise ValueError(
+            "position_ids restart inside a row (packed sequences, e.g. DataCollatorWithFlattening): Titans' memory and "
+            "window attention would carry from one sequence into the next. Pad the sequences into a batch instead, "
+            "or concatenate them as one stream without position_ids."
         )
 
 

@@ -389,6 +389,25 @@ def test_output_attentions_is_refused_clearly():
         model(ids)
 
 
+def test_packed_sequences_are_refused_and_generate_position_ids_pass():
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_model("mag").train()
+    batch = DataCollatorWithFlattening()([{"input_ids": [3, 4, 5, 6, 7]}, {"input_ids": [8, 9, 10]}])
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(**batch)
+    ids = torch.randint(2, 64, (2, 7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    # generate()'s position ids: cumsum - 1, with 1 at the pads (not a restart); the same logits as our own positions
+    given = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask, position_ids=given).logits[mask.bool()],
+            model(ids, attention_mask=mask).logits[mask.bool()],
+        )
+
+
 @pytest.mark.slow
 def test_save_and_reload_in_a_fresh_process(tmp_path):
     model = tiny_model("mac")
