@@ -2644,6 +2644,16 @@ class TitansPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # never let generate() build a DynamicCache from this config
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Transformers writes only the saved class into config.json's auto_map; with both entries, a saved Titans
+        # loads through AutoModel (the base model) and AutoModelForCausalLM alike, as an in-library model does
+        module = TitansModel.__module__.rsplit(".", 1)[-1]  # "modeling_titans", also when loaded as remote code
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for auto_class, cls in (("AutoModel", TitansModel), ("AutoModelForCausalLM", TitansForCausalLM)):
+            auto_map.setdefault(auto_class, f"{module}.{cls.__name__}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -136,8 +136,10 @@ def check_folder(out: Path, tokenizer_files: list[str]) -> list[str]:
     if missing or extra:
         raise RuntimeError(f"staged folder {out} is not as expected: missing {missing}, unexpected {extra}")
     auto_map = json.loads((out / "config.json").read_text()).get("auto_map", {})
-    if "AutoModelForCausalLM" not in auto_map or "AutoConfig" not in auto_map:
-        raise RuntimeError(f"{out / 'config.json'} lacks auto_map for AutoConfig/AutoModelForCausalLM: {auto_map}")
+    if not {"AutoConfig", "AutoModel", "AutoModelForCausalLM"} <= set(auto_map):
+        raise RuntimeError(
+            f"{out / 'config.json'} lacks auto_map for AutoConfig/AutoModel/AutoModelForCausalLM: {auto_map}"
+        )
     return files
 
 

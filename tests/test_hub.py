@@ -202,13 +202,14 @@ def test_remote_code_loads_in_isolated_process_with_identical_outputs(tmp_path):
     for variant in VARIANTS:
         model = tiny_model(variant, seed=3)
         model.save_pretrained(tmp_path / "models" / variant)
-        expected[variant] = logits_and_greedy(model, ids)
+        with torch.no_grad():
+            expected[variant] = (*logits_and_greedy(model, ids), model.model(ids).last_hidden_state)
     torch.save({"ids": ids, "threads": torch.get_num_threads()}, tmp_path / "inputs.pt")
 
     run_isolated(
         """
         import sys, torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModel, AutoModelForCausalLM
         models, variants = sys.argv[1], sys.argv[2].split(",")
         inputs = torch.load(sys.argv[3])
         torch.set_num_threads(inputs["threads"])
@@ -220,16 +221,21 @@ def test_remote_code_loads_in_isolated_process_with_identical_outputs(tmp_path):
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-            out[variant] = (type(model).__module__, logits, tokens)
+            base = AutoModel.from_pretrained(f"{models}/{variant}", trust_remote_code=True)  # the base model, no head
+            assert type(base).__name__ == "TitansModel", type(base).__name__
+            with torch.no_grad():
+                hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+            out[variant] = (type(model).__module__, logits, tokens, hidden)
         torch.save(out, sys.argv[4])
         """,
         tmp_path, str(tmp_path / "models"), ",".join(VARIANTS), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"),
     )  # fmt: skip
     got = torch.load(tmp_path / "out.pt")
     for variant in VARIANTS:
-        module, logits, tokens = got[variant]
+        module, logits, tokens, hidden = got[variant]
         assert module.startswith("transformers_modules.") and module.endswith(".modeling_titans")
         assert_reloaded_logits(logits, expected[variant][0])
+        torch.testing.assert_close(hidden, expected[variant][2], atol=1e-5, rtol=1e-4)
         assert torch.equal(tokens, expected[variant][1]), variant
         assert tokens.shape[1] == ids.shape[1] + 8
 
@@ -285,6 +291,7 @@ def test_dry_run_folder_has_exactly_the_repository_files(dry_run, tokenizer, tmp
     config = json.loads((dry_run / "config.json").read_text())
     assert config["auto_map"]["AutoConfig"] == "configuration_titans.TitansConfig"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_titans.TitansForCausalLM"
+    assert config["auto_map"]["AutoModel"] == "modeling_titans.TitansModel"
     assert (dry_run / "README.md").read_text() == (ROOT / "model_card.md").read_text()
 
 
