@@ -21,7 +21,9 @@ class TitansConfig(PreTrainedConfig):
             How the neural long-term memory is wired to attention (paper §4): `"mac"` memory as a context,
             `"mag"` memory as a gate, `"mal"` memory as a layer, `"lmm"` memory only (no attention).
         vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
-        head_dim, rope_theta, rms_norm_eps, tie_word_embeddings: the usual Llama-style sizes.
+        head_dim, rope_theta, rms_norm_eps, tie_word_embeddings: the usual Llama-style sizes. RoPE is the default
+            one with base `rope_theta`; `rope_scaling` / `rope_parameters` of another type are refused (the attention
+            never spans more than `attention_window` tokens, at any length).
         attention_window (`int`, defaults to 64):
             Sliding-window size of the attention (MAG, MAL and layers without memory) and segment length C of
             MAC (paper Eq. 21). A query sees at most `attention_window` tokens, itself included.
@@ -110,7 +112,26 @@ class TitansConfig(PreTrainedConfig):
         else:
             self.memory_layers = sorted(int(i) for i in self.memory_layers)
         self.validate_titans()
+        self.validate_rope(kwargs.get("rope_parameters") or kwargs.get("rope_scaling"))
         super().__post_init__(**kwargs)
+
+    def validate_rope(self, rope: dict | None):
+        """Llama-style `rope_parameters` / `rope_scaling` are accepted only where they say what `rope_theta` says: the
+        model builds the default RoPE from `rope_theta` and would otherwise ignore them silently."""
+        if rope is None:
+            return
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(
+                f"TitansConfig: RoPE scaling (rope_type={rope_type!r}) is not supported. Attention spans at most "
+                "attention_window tokens, so the rotary distances stay within those seen in training at any length."
+            )
+        theta = rope.get("rope_theta")
+        if theta is not None and theta != self.rope_theta:
+            raise ValueError(
+                f"TitansConfig: rope_parameters gives rope_theta={theta!r} but rope_theta is {self.rope_theta!r}; "
+                f"Titans reads rope_theta: pass rope_theta={theta!r}."
+            )
 
     def validate_titans(self):
         """Raise a `ValueError` naming the field and the allowed values for every invalid setting."""

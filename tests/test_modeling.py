@@ -291,6 +291,19 @@ def test_bad_config_values_raise(field, value, allowed):
     assert allowed in str(err.value)
 
 
+def test_rope_scaling_is_refused_and_rope_parameters_must_agree():
+    for rope in ({"rope_type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}):
+        with pytest.raises(ValueError, match="RoPE scaling"):
+            TitansConfig(rope_scaling=rope)
+    with pytest.raises(ValueError, match="rope_theta=500000"):
+        TitansConfig(rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    config = TitansConfig(rope_theta=500000.0, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    rotary = TitansForCausalLM(tiny_config("mag", rope_theta=500000.0)).model.rotary_emb
+    assert config.rope_theta == 500000.0
+    half = rotary.inv_freq.shape[0]  # inv_freq[i] = theta^(-2i / head_dim)
+    torch.testing.assert_close(rotary.inv_freq[1], torch.tensor(500000.0 ** (-1 / half)))
+
+
 def test_mac_needs_chunk_dividing_segment_and_lmm_needs_memory():
     with pytest.raises(ValueError, match="memory_chunk_size"):
         TitansConfig(variant="mac", attention_window=30, memory_chunk_size=8)
