@@ -2766,12 +2766,24 @@ class TitansModel(TitansPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
             if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
                 bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
                 raise ValueError(
                     f"input_ids contains token id {int(bad[0])}, outside the vocabulary [0, {self.config.vocab_size})."
                 )
             inputs_embeds = self.embed_tokens(input_ids)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be (batch, length, hidden_size={self.config.hidden_size}), got "
+                    f"{tuple(inputs_embeds.shape)}."
+                )
+            if not inputs_embeds.dtype.is_floating_point:
+                raise ValueError(f"inputs_embeds must be floating point, got dtype {inputs_embeds.dtype}.")
+            # the dtype the embedding would have given (a float64 input would otherwise fail deep in a matmul)
+            inputs_embeds = inputs_embeds.to(self.embed_tokens.weight.dtype)
         if use_cache is None:  # training makes no cache unless asked (`use_cache=True`): with one, every memory layer
             # returns its state, which costs extra work and host reads per step (16 per MAG step at the anchor size,
             # `scripts/count_ops.py`) for a cache that Trainer throws away

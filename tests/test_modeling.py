@@ -357,6 +357,20 @@ def test_out_of_range_token_ids_raise():
             model(ids)
 
 
+def test_bad_input_ids_and_embeds_raise_and_other_float_embeds_are_cast():
+    model = tiny_model("mag")
+    with pytest.raises(ValueError, match="integer token ids, got dtype torch.float32"):
+        model(torch.randint(2, 64, (2, 5)).float())
+    for bad in (torch.randn(2, 5, 33), torch.randn(2, 5)):
+        with pytest.raises(ValueError, match="hidden_size=32"):
+            model(inputs_embeds=bad)
+    with pytest.raises(ValueError, match="floating point"):
+        model(inputs_embeds=torch.ones(2, 5, 32, dtype=torch.long))
+    embeds = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs_embeds=embeds.double()).logits, model(inputs_embeds=embeds).logits)
+
+
 def test_bad_attention_mask_shape_raises():
     model = tiny_model("mag")
     with pytest.raises(ValueError, match="attention_mask"):
