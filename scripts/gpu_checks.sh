@@ -14,8 +14,9 @@
 #   flex      the fused kernels again with --titans-attn flex_attention (block-sparse sliding window) for $FLEX_MODELS
 #   large     (only when named) the kernel benchmark at a GPU-sized width ($LARGE_DIMS: hidden 1024, 16 attention and
 #             16 memory heads, batch 8) for $LARGE_MODELS
-#   profile   torch.profiler tables (CUDA kernel time) of one bf16 training step at 4 x 4,096 for $PROFILE_MODELS,
-#             Titans attention $PROFILE_ATTN (default sdpa; flex_attention for the block-sparse window)
+#   profile   torch.profiler tables (CUDA kernel time) of one bf16 training step at 4 x $PROFILE_LENGTH (default 4,096)
+#             for $PROFILE_MODELS, Titans attention $PROFILE_ATTN (default sdpa; flex_attention for the block-sparse
+#             window), at the anchor width or at $PROFILE_DIMS (e.g. PROFILE_DIMS="$LARGE_DIMS" for the large width)
 #   chunkc    the same benchmark with TITANS_MEMORY_KERNEL=compile (each chunk through inductor: fewer, fused launches)
 #   tcompile  (only when named) the kernel benchmark with every model through torch.compile(model) (--torch-compile):
 #             inductor fuses the elementwise work around the memory scan, which stays one operator (the fused Triton
@@ -101,9 +102,11 @@ stage large ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchm
     --note "${BENCH_NOTE:-gpu_checks.sh} fused memory kernels, GPU-sized model" --output "$OUT/benchmark_gpu_large.json"
 PROFILE_MODELS=${PROFILE_MODELS:-llama swa mag}
 PROFILE_ARGS=()
-for m in $PROFILE_MODELS; do PROFILE_ARGS+=(--profile "$m:4096"); done
+for m in $PROFILE_MODELS; do PROFILE_ARGS+=(--profile "$m:${PROFILE_LENGTH:-4096}"); done
+# PROFILE_DIMS="$LARGE_DIMS" profiles at the GPU-sized width of `large` (default: the anchor width)
+read -r -a PROFILE_DIMS <<<"${PROFILE_DIMS:-}"
 stage profile ${BENCH_LIMIT:-300} $PY scripts/benchmark.py --device "${BENCH_DEVICE:-cuda}" --dtype bfloat16 \
-    --models "$(echo $PROFILE_MODELS | tr ' ' ,)" --no-train --no-decode "${PROFILE_ARGS[@]}" \
+    --models "$(echo $PROFILE_MODELS | tr ' ' ,)" --no-train --no-decode "${PROFILE_ARGS[@]}" "${PROFILE_DIMS[@]}" \
     --profile-rows 30 --isolation model --code-ref worktree --timeout 240 --plot none --titans-attn "${PROFILE_ATTN:-sdpa}" \
     --note "${BENCH_NOTE:-gpu_checks.sh} profiles, ${PROFILE_ATTN:-sdpa}" --output "$OUT/benchmark_gpu_profile.json"
 stage chunkc ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
