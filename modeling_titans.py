@@ -2854,9 +2854,11 @@ class TitansModel(TitansPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
             if not isinstance(output_hidden_states, bool):  # an index or indices: the others are None, as in Llama
+                # (Transformers' own selection rules, imported here: the option is new in 5.23)
+                from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
+
                 n = len(all_hidden_states)
-                picks = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
-                keep = {i % n for i in picks if -n <= i < n}
+                keep = resolve_hidden_states_indices(self, selected_hidden_states(output_hidden_states), n)
                 all_hidden_states = tuple(h if i in keep else None for i, h in enumerate(all_hidden_states))
         if cache is not None:
             cache.real_tokens = before + valid.sum(1)
