@@ -963,6 +963,24 @@ def _triton_warps(E: int) -> int:
     return int(_TRITON_WARPS) if _TRITON_WARPS else (8 if E >= 128 else 4)
 
 
+# Hidden-width block of the depth-2 kernels (TITANS_MEMORY_KERNEL_BLOCK; unset: the whole of E, `_tk_scan_fwd` /
+# `_tk_scan_bwd`). A block EB < E runs `_tk_scan_fwd_blocked` / `_tk_scan_bwd_blocked`, which hold (C, EB) tiles
+# instead of (C, E) ones and read q, k, G and the output gradient again at each use, to cut the register spills
+# above, at the price of recomputing each block's forward once (forward) or three times (backward) per chunk.
+# Offline for sm_90 at d=64, E=128, 8 warps, tf32x3 with EB=32: spill space 1.8 KB forward and 4.5 KB backward per
+# thread (3.8 and 10.0 unblocked), static spill traffic 4.8 and 20.0 KB (12.9 and 62.3), shared memory 64 and 80 KB
+# (160 and 160). Not yet timed on a GPU (`gpu_checks.sh tblock`): unset stays the default until it is.
+_TRITON_BLOCK = os.environ.get("TITANS_MEMORY_KERNEL_BLOCK")
+if _TRITON_BLOCK is not None and _TRITON_BLOCK not in ("16", "32", "64", "128"):
+    raise ValueError(f"TITANS_MEMORY_KERNEL_BLOCK={_TRITON_BLOCK!r}: expected 16, 32, 64 or 128")
+
+
+def _triton_block(depth: int, E: int) -> int | None:
+    """The E block of the blocked kernels for this scan, or None for the unblocked ones."""
+    block = int(_TRITON_BLOCK) if _TRITON_BLOCK else None
+    return block if depth == 2 and block is not None and block < E else None
+
+
 def _memory_kernel_mode() -> str:
     """TITANS_MEMORY_KERNEL: `auto` (default: the fused Triton kernels below on CUDA tensors, the eager PyTorch scan
     otherwise), `torch` (always the eager PyTorch scan), `compile` (the PyTorch scan with each chunk's forward and
@@ -1067,19 +1085,19 @@ if triton is not None:
     # that several distant products use is read again from L2 at each (cheap) instead of being parked in shared
     # memory between them (parked copies took the backward to 464 KB of shared memory at d=64, E=128).
     @triton.jit
-    def _tk_load(ptr, R: tl.constexpr, K: tl.constexpr):  # row-major (R, K) tile
+    def _tk_load(ptr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr = 0):  # (R, K) tile, row stride S (or K)
         rows, cols = tl.arange(0, R), tl.arange(0, K)
-        return tl.load(ptr + rows[:, None] * K + cols[None, :], volatile=True)
+        return tl.load(ptr + rows[:, None] * (S if S > 0 else K) + cols[None, :], volatile=True)
 
     @triton.jit
-    def _tk_store(ptr, x, R: tl.constexpr, K: tl.constexpr):
+    def _tk_store(ptr, x, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr = 0):
         rows, cols = tl.arange(0, R), tl.arange(0, K)
-        tl.store(ptr + rows[:, None] * K + cols[None, :], x)
+        tl.store(ptr + rows[:, None] * (S if S > 0 else K) + cols[None, :], x)
 
     @triton.jit
-    def _tk_load_t(ptr, R: tl.constexpr, K: tl.constexpr):  # the transpose (K, R) of a row-major (R, K) tile
+    def _tk_load_t(ptr, R: tl.constexpr, K: tl.constexpr, S: tl.constexpr = 0):  # transpose (K, R) of an (R, K) tile
         rows, cols = tl.arange(0, R), tl.arange(0, K)
-        return tl.load(ptr + rows[None, :] * K + cols[:, None], volatile=True)
+        return tl.load(ptr + rows[None, :] * (S if S > 0 else K) + cols[:, None], volatile=True)
 
     @triton.jit
     def _tk_hidden(k_ptr, w0_ptr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, ACT: tl.constexpr,
@@ -1122,15 +1140,16 @@ if triton is not None:
 
     @triton.jit
     def _tk_new_state(w_ptr, s_ptr, i_ptr, new_w_ptr, new_s_ptr, inp, delta, g_last, n_last, beta_l, f_l, m_l,
-                      O: tl.constexpr, I: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
-        """Chunk-end weights and momentum, written to `new_*_ptr`:
+                      O: tl.constexpr, I: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+                      S: tl.constexpr = 0):
+        """Chunk-end weights and momentum (an (O, I) tile, row stride S), written to `new_*_ptr`:
         W' = β_b W + f_b S - (δ ∘ g_b)ᵀ a + (1 - β_b) M_init,  S' = m_b S - (δ ∘ n)ᵀ a."""
-        s = _tk_load(s_ptr, O, I)
-        new_w = beta_l * _tk_load(w_ptr, O, I) + f_l * s - _tk_mm_tn(delta * g_last[:, None], inp, PREC)
+        s = _tk_load(s_ptr, O, I, S)
+        new_w = beta_l * _tk_load(w_ptr, O, I, S) + f_l * s - _tk_mm_tn(delta * g_last[:, None], inp, PREC)
         if HAS_INIT:
-            new_w += (1.0 - beta_l) * _tk_load(i_ptr, O, I)
-        _tk_store(new_w_ptr, new_w, O, I)
-        _tk_store(new_s_ptr, m_l * s - _tk_mm_tn(delta * n_last[:, None], inp, PREC), O, I)
+            new_w += (1.0 - beta_l) * _tk_load(i_ptr, O, I, S)
+        _tk_store(new_w_ptr, new_w, O, I, S)
+        _tk_store(new_s_ptr, m_l * s - _tk_mm_tn(delta * n_last[:, None], inp, PREC), O, I, S)
 
     @triton.jit
     def _tk_scan_fwd(
@@ -1176,6 +1195,70 @@ if triton is not None:
                 _tk_new_state(w1, s1, i1, w1_ptr + nxt * D * E, s1_ptr + nxt * D * E, a1, d1, g_last, n_last,
                               beta_l, f_l, m_l, D, E, HAS_INIT, PREC)
             _tk_store(out_ptr + tok * D, out, C, D)
+            tl.debug_barrier()  # slot c + 1 written by all threads before the next iteration reads it
+
+    @triton.jit
+    def _tk_scan_fwd_blocked(
+        q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr,
+        w0_ptr, s0_ptr, i0_ptr, w1_ptr, s1_ptr, i1_ptr, out_ptr,
+        n_chunks, heads, state_slots, BH,
+        D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, EB: tl.constexpr, ACT: tl.constexpr,
+        HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        """`_tk_scan_fwd` for depth 2 with the hidden width E taken EB columns at a time, so that no (C, E) tile is
+        ever held: every product then works on (C, EB) tiles. Layer 0's rows and layer 1's columns split along E,
+        so the chunk-end states, the hidden activations and layer 0's retrieval are computed block by block; what
+        sums over E (layer 1's prediction on the keys, |a_1|², its retrieval and its score h aᵀ) accumulates over
+        the blocks. Two passes over E per chunk: the first forms δ_1, which every block of the second needs."""
+        pid = tl.program_id(0).to(tl.int64)
+        head = pid % heads
+        T = n_chunks * C
+        for c in range(n_chunks):
+            tok = pid * T + c * C
+            q, k, v, gs, g_last, n_last, beta, f, beta_l, f_l, m_l = _tk_load_chunk(
+                q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr, tok, D, C)
+            qp, kp, gp = q_ptr + tok * D, k_ptr + tok * D, g_ptr + tok * C
+            cur = (c % state_slots) * BH + pid
+            nxt = ((c + 1) % state_slots) * BH + pid
+            w0, s0, i0 = w0_ptr + cur * E * D, s0_ptr + cur * E * D, i0_ptr + head * E * D
+            w1, s1, i1 = w1_ptr + cur * D * E, s1_ptr + cur * D * E, i1_ptr + head * D * E
+            r0 = 1.0 / (1.0 + tl.sum(k * k, 1))
+            # pass 1: layer 1's prediction on the keys, a_1 W_1ᵀ, and |a_1|², summed over the blocks of E
+            pred = tl.zeros((C, D), dtype=tl.float32)
+            norm1 = tl.zeros((C,), dtype=tl.float32)
+            for e in range(0, E, EB):
+                a1 = _tk_act(_tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC), ACT)
+                pred += _tk_mm(a1, _tk_load_t(w1 + e, D, EB, E), PREC)
+                norm1 += tl.sum(a1 * a1, 1)
+            # δ_1 = raw_1 r_1; raw_1 waits in this chunk's output rows (written last), read back where needed
+            op = out_ptr + tok * D
+            _tk_store(op, 2.0 * (pred + k - v), C, D)
+            r1 = 1.0 / (1.0 + norm1)
+            tl.debug_barrier()
+            # pass 2: per block, δ_0, layer 0's retrieval h_1, both layers' chunk-end states; layer 1's retrieval
+            # and its score sum over the blocks
+            out = _tk_load(qp, C, D)
+            score1 = tl.zeros((C, C), dtype=tl.float32)
+            for e in range(0, E, EB):
+                z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC)
+                a1 = _tk_act(z0, ACT)
+                d0 = _tk_mm(_tk_load(op, C, D), _tk_load(w1 + e, D, EB, E), PREC) * _tk_act_grad(z0, ACT) * r0[:, None]
+                h1 = _tk_act(_tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, _tk_load(kp, C, D),
+                                          d0, _tk_load(gp, C, C), beta, f, EB, D, HAS_INIT, PREC), ACT)  # fmt: skip
+                out += beta[:, None] * _tk_mm(h1, _tk_load_t(w1 + e, D, EB, E), PREC)
+                out += f[:, None] * _tk_mm(h1, _tk_load_t(s1 + e, D, EB, E), PREC)
+                if HAS_INIT:
+                    out += (1.0 - beta[:, None]) * _tk_mm(h1, _tk_load_t(i1 + e, D, EB, E), PREC)
+                score1 += _tk_mm_nt(h1, a1, PREC)
+                _tk_new_state(w0 + e * D, s0 + e * D, i0 + e * D, w0_ptr + nxt * E * D + e * D,
+                              s0_ptr + nxt * E * D + e * D, _tk_load(kp, C, D), d0, g_last, n_last, beta_l, f_l, m_l,
+                              EB, D, HAS_INIT, PREC)  # fmt: skip
+                _tk_new_state(w1 + e, s1 + e, i1 + e, w1_ptr + nxt * D * E + e, s1_ptr + nxt * D * E + e, a1,
+                              _tk_load(op, C, D) * r1[:, None],
+                              g_last, n_last, beta_l, f_l, m_l, D, EB, HAS_INIT, PREC, E)  # fmt: skip
+            out -= _tk_mm(_tk_load(gp, C, C) * score1, _tk_load(op, C, D) * r1[:, None], PREC)
+            tl.debug_barrier()
+            _tk_store(op, out, C, D)
             tl.debug_barrier()  # slot c + 1 written by all threads before the next iteration reads it
 
     @triton.jit
@@ -1362,6 +1445,211 @@ if triton is not None:
             tl.store(dm_ptr + tok + rc, tl.where(last_row, g_m_l, 0.0))
             tl.debug_barrier()  # slot c % 2 written by all threads before chunk c - 1 reads it
 
+    @triton.jit
+    def _tk_scan_bwd_blocked(
+        q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr,
+        w0_ptr, s0_ptr, i0_ptr, w1_ptr, s1_ptr, i1_ptr, dout_ptr,
+        dw0_ptr, ds0_ptr, dw1_ptr, ds1_ptr, di0_ptr, di1_ptr,
+        dq_ptr, dk_ptr, dv_ptr, dg_ptr, dnl_ptr, dbeta_ptr, df_ptr, dm_ptr, x_ptr,
+        n_chunks, heads, BH,
+        D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, EB: tl.constexpr, ACT: tl.constexpr,
+        HAS_INIT: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        """`_tk_scan_bwd` for depth 2, E taken EB columns at a time (see `_tk_scan_fwd_blocked`); the same
+        gradients, in four passes over E per chunk, each recomputing the block's forward from the boundary state:
+        1. layer 1's prediction and |a_1|² (so δ_1), and the chunk-end state's backward into δ_1 (sums over E);
+        2. layer 1's retrieval score h_1 a_1ᵀ (a sum over E), which the gradient of δ_1 and every block's g_h need;
+        3. per block, both retrievals' and both chunk-end states' backward, down to δ_0's dependence on δ_1; the
+           gradient of z_0 that does not pass through δ_1 is parked in `x_ptr` (C x E per program);
+        4. with δ_1's gradient complete, the rest of z_0's gradient, W_0, W_1 and the keys."""
+        pid = tl.program_id(0).to(tl.int64)
+        head = pid % heads
+        rc = tl.arange(0, C)
+        T = n_chunks * C
+        last_row = rc == C - 1
+        x = x_ptr + pid * (C * E + C * C)
+        xs = x + C * E  # (C, C) after the (C, E) block: G ∘ the score gradient of layer 1's retrieval
+        for step in range(n_chunks):
+            c = n_chunks - 1 - step
+            tok = pid * T + c * C
+            q, k, v, gs, g_last, n_last, beta, f, beta_l, f_l, m_l = _tk_load_chunk(
+                q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr, tok, D, C)
+            qp, kp, dp, gp = q_ptr + tok * D, k_ptr + tok * D, dout_ptr + tok * D, g_ptr + tok * C
+            cur = c * BH + pid
+            g_in = ((c + 1) % 2) * BH + pid
+            g_out = (c % 2) * BH + pid
+            w0, s0, i0 = w0_ptr + cur * E * D, s0_ptr + cur * E * D, i0_ptr + head * E * D
+            w1, s1, i1 = w1_ptr + cur * D * E, s1_ptr + cur * D * E, i1_ptr + head * D * E
+            dw0, ds0, di0 = dw0_ptr + g_in * E * D, ds0_ptr + g_in * E * D, di0_ptr + pid * E * D
+            dw1, ds1, di1 = dw1_ptr + g_in * D * E, ds1_ptr + g_in * D * E, di1_ptr + pid * D * E
+            gw0, gs0 = dw0_ptr + g_out * E * D, ds0_ptr + g_out * E * D
+            gw1, gs1 = dw1_ptr + g_out * D * E, ds1_ptr + g_out * D * E
+            r0 = 1.0 / (1.0 + tl.sum(k * k, 1))
+            # pass 1
+            pred = tl.zeros((C, D), dtype=tl.float32)
+            a_dw1 = tl.zeros((C, D), dtype=tl.float32)
+            a_ds1 = tl.zeros((C, D), dtype=tl.float32)
+            norm1 = tl.zeros((C,), dtype=tl.float32)
+            g_beta_l = 0.0
+            g_f_l = 0.0
+            g_m_l = 0.0
+            for e in range(0, E, EB):
+                a1 = _tk_act(_tk_mm(k, _tk_load_t(w0 + e * D, EB, D), PREC), ACT)
+                pred += _tk_mm(a1, _tk_load_t(w1 + e, D, EB, E), PREC)
+                norm1 += tl.sum(a1 * a1, 1)
+                a_dw1 += _tk_mm(a1, _tk_load_t(dw1 + e, D, EB, E), PREC)
+                a_ds1 += _tk_mm(a1, _tk_load_t(ds1 + e, D, EB, E), PREC)
+                # the scalar gradients of β_b, f_b, m_b (`_tk_state_bwd`), both layers' blocks
+                kept0 = _tk_load(w0 + e * D, EB, D)
+                kept1 = _tk_load(w1 + e, D, EB, E)
+                if HAS_INIT:
+                    kept0 -= _tk_load(i0 + e * D, EB, D)
+                    kept1 -= _tk_load(i1 + e, D, EB, E)
+                dw_0, dw_1 = _tk_load(dw0 + e * D, EB, D), _tk_load(dw1 + e, D, EB, E)
+                s_0, s_1 = _tk_load(s0 + e * D, EB, D), _tk_load(s1 + e, D, EB, E)
+                g_beta_l += tl.sum(tl.sum(dw_0 * kept0, 1), 0) + tl.sum(tl.sum(dw_1 * kept1, 1), 0)
+                g_f_l += tl.sum(tl.sum(dw_0 * s_0, 1), 0) + tl.sum(tl.sum(dw_1 * s_1, 1), 0)
+                g_m_l += tl.sum(tl.sum(_tk_load(ds0 + e * D, EB, D) * s_0, 1), 0)
+                g_m_l += tl.sum(tl.sum(_tk_load(ds1 + e, D, EB, E) * s_1, 1), 0)
+            # raw_1 (δ_1 = raw_1 r_1) waits in this chunk's rows of dv (written last), read back at each use
+            rp = dv_ptr + tok * D
+            raw1 = 2.0 * (pred + k - v)
+            _tk_store(rp, raw1, C, D)
+            tl.debug_barrier()  # by all threads before any reads it back
+            r1 = 1.0 / (1.0 + norm1)
+            d1 = raw1 * r1[:, None]
+            gd1 = -g_last[:, None] * a_dw1 - n_last[:, None] * a_ds1
+            g_g_last = -tl.sum(d1 * a_dw1, 1)
+            g_n = -tl.sum(d1 * a_ds1, 1)
+            # pass 2: layer 1's retrieval score
+            score1 = tl.zeros((C, C), dtype=tl.float32)
+            for e in range(0, E, EB):
+                z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC)
+                d0 = _tk_mm(_tk_load(rp, C, D), _tk_load(w1 + e, D, EB, E), PREC) * _tk_act_grad(z0, ACT)
+                d0 *= r0[:, None]
+                h1 = _tk_act(_tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, _tk_load(kp, C, D),
+                                          d0, _tk_load(gp, C, C), beta, f, EB, D, HAS_INIT, PREC), ACT)  # fmt: skip
+                score1 += _tk_mm_nt(h1, _tk_act(z0, ACT), PREC)
+            dout = _tk_load(dp, C, D)
+            g_score1 = -_tk_mm_nt(dout, d1, PREC)
+            gd1 -= _tk_mm_tn(_tk_load(gp, C, C) * score1, _tk_load(dp, C, D), PREC)
+            _tk_store(dg_ptr + tok * C, score1 * g_score1, C, C)  # G's gradient so far; layer 0's added below
+            _tk_store(xs, _tk_load(gp, C, C) * g_score1, C, C)
+            tl.debug_barrier()  # G ∘ g_score1 stored by all threads before they read it
+            ga1_coef = 2.0 * tl.sum(gd1 * _tk_load(rp, C, D), 1) * r1 * r1  # D19 normalisation of δ_1
+            g_raw1 = gd1 * r1[:, None]
+            # pass 3
+            g_q = _tk_load(dp, C, D)
+            ga0 = tl.zeros((C, D), dtype=tl.float32)
+            g_score0 = tl.zeros((C, C), dtype=tl.float32)
+            ga0_coef = tl.zeros((C,), dtype=tl.float32)
+            g_beta = tl.zeros((C,), dtype=tl.float32)
+            g_f = tl.zeros((C,), dtype=tl.float32)
+            for e in range(0, E, EB):
+                z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC)
+                a1 = _tk_act(z0, ACT)
+                slope0 = _tk_act_grad(z0, ACT)
+                carried0 = _tk_mm(_tk_load(rp, C, D), _tk_load(w1 + e, D, EB, E), PREC)
+                raw0 = carried0 * slope0
+                d0 = raw0 * r0[:, None]
+                zq = _tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, _tk_load(kp, C, D), d0,
+                                  _tk_load(gp, C, C), beta, f, EB, D, HAS_INIT, PREC)  # fmt: skip
+                h1 = _tk_act(zq, ACT)
+                # layer 1's retrieval, columns e: back from dout (`_tk_retrieve_bwd`, O = D, I = EB)
+                back_w = _tk_mm(_tk_load(dp, C, D), _tk_load(w1 + e, D, EB, E), PREC)
+                back_s = _tk_mm(_tk_load(dp, C, D), _tk_load(s1 + e, D, EB, E), PREC)
+                g_h = f[:, None] * back_s + _tk_mm(_tk_load(xs, C, C), a1, PREC)
+                if HAS_INIT:
+                    back_i = _tk_mm(_tk_load(dp, C, D), _tk_load(i1 + e, D, EB, E), PREC)
+                    back_w -= back_i
+                    g_h += back_i
+                g_h += beta[:, None] * back_w
+                g_beta += tl.sum(h1 * back_w, 1)
+                g_f += tl.sum(h1 * back_s, 1)
+                dw_1 = _tk_load(dw1 + e, D, EB, E)
+                g_w1 = _tk_mm_tn(beta[:, None] * _tk_load(dp, C, D), h1, PREC) + beta_l * dw_1
+                _tk_store(gs1 + e, _tk_mm_tn(f[:, None] * _tk_load(dp, C, D), h1, PREC) + f_l * dw_1
+                          + m_l * _tk_load(ds1 + e, D, EB, E), D, EB, E)  # fmt: skip
+                if HAS_INIT:
+                    g_i = _tk_mm_tn((1.0 - beta[:, None]) * _tk_load(dp, C, D), h1, PREC) + (1.0 - beta_l) * dw_1
+                    g_i += _tk_load(di1 + e, D, EB, E)
+                    tl.debug_barrier()
+                    _tk_store(di1 + e, g_i, D, EB, E)
+                # a_1's gradient: layer 1's retrieval score and chunk-end state, and δ_1's normalisation
+                ga1 = _tk_mm_tn(_tk_load(xs, C, C), h1, PREC) - ga1_coef[:, None] * a1
+                ga1 -= _tk_mm(_tk_load(rp, C, D) * (r1 * g_last)[:, None], dw_1, PREC)
+                ga1 -= _tk_mm(_tk_load(rp, C, D) * (r1 * n_last)[:, None], _tk_load(ds1 + e, D, EB, E), PREC)
+                # layer 0's retrieval, rows e: back from dz = g_h σ'(zq)
+                dz = g_h * _tk_act_grad(zq, ACT)
+                back_w = _tk_mm(dz, _tk_load(w0 + e * D, EB, D), PREC)
+                back_s = _tk_mm(dz, _tk_load(s0 + e * D, EB, D), PREC)
+                g_q += f[:, None] * back_s
+                if HAS_INIT:
+                    back_i = _tk_mm(dz, _tk_load(i0 + e * D, EB, D), PREC)
+                    back_w -= back_i
+                    g_q += back_i
+                g_q += beta[:, None] * back_w
+                g_beta += tl.sum(_tk_load(qp, C, D) * back_w, 1)
+                g_f += tl.sum(_tk_load(qp, C, D) * back_s, 1)
+                dw_0 = _tk_load(dw0 + e * D, EB, D)
+                ds_0 = _tk_load(ds0 + e * D, EB, D)
+                g_w0 = _tk_mm_tn(beta[:, None] * dz, _tk_load(qp, C, D), PREC) + beta_l * dw_0
+                g_s0 = _tk_mm_tn(f[:, None] * dz, _tk_load(qp, C, D), PREC) + f_l * dw_0 + m_l * ds_0
+                _tk_store(gs0 + e * D, g_s0, EB, D)
+                if HAS_INIT:
+                    g_i = _tk_mm_tn((1.0 - beta[:, None]) * dz, _tk_load(qp, C, D), PREC) + (1.0 - beta_l) * dw_0
+                    g_i += _tk_load(di0 + e * D, EB, D)
+                    tl.debug_barrier()
+                    _tk_store(di0 + e * D, g_i, EB, D)
+                g_score0 -= _tk_mm_nt(dz, d0, PREC)
+                # δ_0's gradient: layer 0's retrieval and chunk-end state
+                a_dw = _tk_mm(_tk_load(kp, C, D), _tk_load_t(dw0 + e * D, EB, D), PREC)
+                a_ds = _tk_mm(_tk_load(kp, C, D), _tk_load_t(ds0 + e * D, EB, D), PREC)
+                gd0 = -g_last[:, None] * a_dw - n_last[:, None] * a_ds
+                score0 = _tk_mm_nt(_tk_load(qp, C, D), _tk_load(kp, C, D), PREC)
+                gd0 -= _tk_mm_tn(_tk_load(gp, C, C) * score0, dz, PREC)
+                g_g_last -= tl.sum(d0 * a_dw, 1)
+                g_n -= tl.sum(d0 * a_ds, 1)
+                ga0 -= _tk_mm(d0 * g_last[:, None], dw_0, PREC) + _tk_mm(d0 * n_last[:, None], ds_0, PREC)
+                ga0_coef += tl.sum(gd0 * raw0, 1)
+                # δ_0 = (raw_1 W_1) ∘ σ'(z_0) r_0
+                g_raw0 = gd0 * r0[:, None]
+                g_carried = g_raw0 * slope0
+                g_raw1 += _tk_mm(g_carried, _tk_load_t(w1 + e, D, EB, E), PREC)
+                g_w1 += _tk_mm_tn(_tk_load(rp, C, D), g_carried, PREC)
+                _tk_store(x + e, ga1 * slope0 + g_raw0 * carried0 * _tk_act_grad2(z0, ACT), C, EB, E)
+                _tk_store(gw0 + e * D, g_w0, EB, D)
+                _tk_store(gw1 + e, g_w1, D, EB, E)
+            tl.debug_barrier()  # the stores before and in pass 3 (G's gradient, x, W's) by all threads, then read
+            g_g = _tk_mm_nt(_tk_load(qp, C, D), _tk_load(kp, C, D), PREC) * g_score0
+            g_g += _tk_load(dg_ptr + tok * C, C, C)
+            g_score0 = _tk_load(gp, C, C) * g_score0
+            g_q += _tk_mm(g_score0, _tk_load(kp, C, D), PREC)
+            ga0 += _tk_mm_tn(g_score0, _tk_load(qp, C, D), PREC)
+            ga0 -= (2.0 * ga0_coef * r0 * r0)[:, None] * _tk_load(kp, C, D)
+            g_pred = 2.0 * g_raw1
+            g_k = g_pred + ga0
+            # pass 4: the gradient of z_0 through δ_1 (the prediction on the keys) and what it reaches
+            for e in range(0, E, EB):
+                z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC)
+                dz0 = _tk_load(x + e, C, EB, E) + _tk_mm(g_pred, _tk_load(w1 + e, D, EB, E), PREC) * _tk_act_grad(
+                    z0, ACT)
+                g_w1 = _tk_load(gw1 + e, D, EB, E) + _tk_mm_tn(g_pred, _tk_act(z0, ACT), PREC)
+                g_w0 = _tk_load(gw0 + e * D, EB, D) + _tk_mm_tn(dz0, _tk_load(kp, C, D), PREC)
+                g_k += _tk_mm(dz0, _tk_load(w0 + e * D, EB, D), PREC)
+                tl.debug_barrier()
+                _tk_store(gw1 + e, g_w1, D, EB, E)
+                _tk_store(gw0 + e * D, g_w0, EB, D)
+            _tk_store(dq_ptr + tok * D, g_q, C, D)
+            _tk_store(dk_ptr + tok * D, g_k, C, D)
+            _tk_store(dv_ptr + tok * D, -g_pred, C, D)
+            _tk_store(dg_ptr + tok * C, g_g + tl.where(last_row[:, None], g_g_last[None, :], 0.0), C, C)
+            tl.store(dnl_ptr + tok + rc, g_n)
+            tl.store(dbeta_ptr + tok + rc, g_beta + tl.where(last_row, g_beta_l, 0.0))
+            tl.store(df_ptr + tok + rc, g_f + tl.where(last_row, g_f_l, 0.0))
+            tl.store(dm_ptr + tok + rc, tl.where(last_row, g_m_l, 0.0))
+            tl.debug_barrier()  # slot c % 2 written by all threads before chunk c - 1 reads it
+
 
 def _triton_args(depth, layers, placeholder):
     """Pointers of layer 1 for depth 1 are never read: any tensor will do."""
@@ -1394,13 +1682,15 @@ def _triton_scan_forward(weights, momentum, initial, sequence, chunk_size, activ
     w_args = _triton_args(depth, states_w, q)
     s_args = _triton_args(depth, states_s, q)
     i_args = _triton_args(depth, init, q)
-    _tk_scan_fwd[(B * H,)](
-        q, k, v, g, n_last, beta, f, m,
-        w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], out,
-        n_chunks, H, slots, B * H,
-        D=D, E=E, C=chunk_size, DEPTH=depth, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
-        PREC=_TRITON_PRECISION, num_warps=_triton_warps(E), num_stages=1,
-    )  # fmt: skip
+    args = (q, k, v, g, n_last, beta, f, m, w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], out,
+            n_chunks, H, slots, B * H)  # fmt: skip
+    common = dict(D=D, E=E, C=chunk_size, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
+                  PREC=_TRITON_PRECISION, num_warps=_triton_warps(E), num_stages=1)  # fmt: skip
+    block = _triton_block(depth, E)
+    if block is None:
+        _tk_scan_fwd[(B * H,)](*args, DEPTH=depth, **common)
+    else:
+        _tk_scan_fwd_blocked[(B * H,)](*args, EB=block, **common)
     last = n_chunks % slots
     final_w = tuple(b[last].clone() for b in states_w)
     final_s = tuple(b[last].clone() for b in states_s)
@@ -1429,15 +1719,16 @@ def _triton_scan_backward(boundaries, initial, sequence, grad_out, grad_w, grad_
     i_args, di_args = _triton_args(depth, init, q), _triton_args(depth, grad_init, q)
     dw_args, ds_args = _triton_args(depth, scratch_w, q), _triton_args(depth, scratch_s, q)
     grad_out = q.new_zeros(()).expand_as(q).contiguous() if grad_out is None else grad_out.contiguous()
-    _tk_scan_bwd[(B * H,)](
-        q, k, v, g, n_last, beta, f, m,
-        w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], grad_out,
-        dw_args[0], ds_args[0], dw_args[1], ds_args[1], di_args[0], di_args[1],
-        *grads,
-        n_chunks, H, B * H,
-        D=D, E=E, C=chunk_size, DEPTH=depth, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
-        PREC=_TRITON_PRECISION, num_warps=_triton_warps(E), num_stages=1,
-    )  # fmt: skip
+    args = (q, k, v, g, n_last, beta, f, m, w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1],
+            grad_out, dw_args[0], ds_args[0], dw_args[1], ds_args[1], di_args[0], di_args[1], *grads)  # fmt: skip
+    common = dict(D=D, E=E, C=chunk_size, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
+                  PREC=_TRITON_PRECISION, num_warps=_triton_warps(E), num_stages=1)  # fmt: skip
+    block = _triton_block(depth, E)
+    if block is None:
+        _tk_scan_bwd[(B * H,)](*args, n_chunks, H, B * H, DEPTH=depth, **common)
+    else:  # scratch per program: the z_0 gradients parked between passes 3 and 4 (C x E), then a C x C tile
+        parked = q.new_empty(B * H, chunk_size * (E + chunk_size))
+        _tk_scan_bwd_blocked[(B * H,)](*args, parked, n_chunks, H, B * H, EB=block, **common)
     grad_initial = tuple(t.sum(0, keepdim=True) for t in grad_init) if initial else ()
     return tuple(t[0] for t in scratch_w), tuple(t[0] for t in scratch_s), grad_initial, grads
 

@@ -1,7 +1,7 @@
 """Check the fused Triton memory scan against the PyTorch scan on a CUDA machine, and time both (not a test).
 
     python scripts/gpu_triton_check.py [--precision tf32x3|tf32|ieee] [--lengths 4096 32768] [--scaling 4 8 16 32]
-        [--num-warps 4]
+        [--num-warps 4] [--block 32]
 
 The first run compiles the kernels (tf32x3: ~20 s forward, ~2 min backward on a slow CPU; ieee: many minutes);
 Triton caches them in ~/.triton/cache. Give the first run ~5 minutes.
@@ -75,7 +75,7 @@ def kernel_info():
     """Registers, spills and shared memory of the compiled kernels (best effort: Triton-internal attributes)."""
     info = {}
     try:
-        for name in ("_tk_scan_fwd", "_tk_scan_bwd"):
+        for name in ("_tk_scan_fwd", "_tk_scan_bwd", "_tk_scan_fwd_blocked", "_tk_scan_bwd_blocked"):
             for cache in getattr(mt, name).device_caches.values():
                 for kernel in cache[0].values():
                     info[name] = {"n_regs": kernel.n_regs, "n_spills": kernel.n_spills,
@@ -108,6 +108,8 @@ def main():
     parser.add_argument("--activation", default="silu")
     parser.add_argument("--num-warps", type=int, default=None, choices=(1, 2, 4, 8, 16),
                         help="warps per program (TITANS_MEMORY_KERNEL_WARPS)")
+    parser.add_argument("--block", type=int, default=None, choices=(16, 32, 64),
+                        help="hidden-width block: the blocked depth-2 kernels (TITANS_MEMORY_KERNEL_BLOCK)")
     parser.add_argument("--scaling", type=int, nargs="*", default=[], help="batch sizes for the program-count sweep")
     parser.add_argument("--scaling-length", type=int, default=4096)
     parser.add_argument("--output", default=None, help="also write the final JSON here")
@@ -122,10 +124,13 @@ def main():
     B, H, d, E, C = 4, 4, 64, 128, 64
     if args.num_warps:
         mt._TRITON_WARPS = str(args.num_warps)
+    if args.block:
+        mt._TRITON_BLOCK = str(args.block)
     depth, act = args.depth, args.activation
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
               "torch": torch.__version__, "precision": args.precision, "B": B, "H": H, "d": d, "E": E, "C": C,
-              "depth": depth, "activation": act, "num_warps": mt._triton_warps(E), "ok": False}  # fmt: skip
+              "depth": depth, "activation": act, "num_warps": mt._triton_warps(E),
+              "block": mt._triton_block(depth, E), "ok": False}  # fmt: skip
     try:
         import triton
 

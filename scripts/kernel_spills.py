@@ -1,6 +1,6 @@
 """Compile the fused memory kernels for a GPU architecture on any machine (no GPU needed) and report their resources.
 
-    python scripts/kernel_spills.py [--kernel fwd bwd] [--precision tf32x3] [--num-warps 8] [--arch 90]
+    python scripts/kernel_spills.py [--kernel fwd bwd] [--precision tf32x3] [--num-warps 8] [--arch 90] [--block 32]
 
 Triton compiles `_tk_scan_fwd` / `_tk_scan_bwd` to PTX for the target, and the ptxas bundled with Triton (`-v`)
 reports registers, spill space and spill traffic per thread. This is how the register pressure of a kernel change can
@@ -79,15 +79,25 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, default=2, choices=[1, 2])
     parser.add_argument("--activation", default="silu", choices=sorted(mt._TRITON_ACTIVATIONS))
     parser.add_argument("--no-init", action="store_true", help="without M_init (memory_init_learnable off)")
+    parser.add_argument("--block", type=int, default=None,
+                        help="hidden-width block of the blocked depth-2 kernels (TITANS_MEMORY_KERNEL_BLOCK)")
     args = parser.parse_args(argv)
     if mt.triton is None:
         parser.error("needs triton")
     E = args.e if args.depth == 2 else args.d
     warps = args.num_warps or mt._triton_warps(E)
-    constants = dict(D=args.d, E=E, C=args.chunk, DEPTH=args.depth, ACT=mt._TRITON_ACTIVATIONS[args.activation],
+    constants = dict(D=args.d, E=E, C=args.chunk, ACT=mt._TRITON_ACTIVATIONS[args.activation],
                      HAS_INIT=not args.no_init, PREC=args.precision)  # fmt: skip
+    if args.block is not None:
+        if args.depth != 2 or not 16 <= args.block < E:
+            parser.error("--block needs depth 2 and 16 <= block < E")
+        constants["EB"] = args.block
+        kernels = {"fwd": mt._tk_scan_fwd_blocked, "bwd": mt._tk_scan_bwd_blocked}
+    else:
+        constants["DEPTH"] = args.depth
+        kernels = {"fwd": mt._tk_scan_fwd, "bwd": mt._tk_scan_bwd}
     for name in args.kernel:
-        kernel = mt._tk_scan_fwd if name == "fwd" else mt._tk_scan_bwd
+        kernel = kernels[name]
         stats = compile_stats(kernel, constants, warps, args.arch)
         print(json.dumps({"kernel": name, "arch": args.arch, "num_warps": warps, **constants, **stats}), flush=True)
 

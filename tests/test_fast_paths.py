@@ -476,10 +476,14 @@ def test_memory_kernel_settings_are_validated(monkeypatch):
         spec.loader.exec_module(module)
         return module
 
-    for name, bad in (("TITANS_MEMORY_KERNEL_PRECISION", "fp16"), ("TITANS_MEMORY_KERNEL_WARPS", "3")):
+    for name, bad in (("TITANS_MEMORY_KERNEL_PRECISION", "fp16"), ("TITANS_MEMORY_KERNEL_WARPS", "3"),
+                      ("TITANS_MEMORY_KERNEL_BLOCK", "24")):  # fmt: skip
         with pytest.raises(ValueError, match=name):
             load(**{name: bad})
-    ok = load(TITANS_MEMORY_KERNEL_PRECISION="tf32", TITANS_MEMORY_KERNEL_WARPS="4")
+    ok = load(TITANS_MEMORY_KERNEL_PRECISION="tf32", TITANS_MEMORY_KERNEL_WARPS="4", TITANS_MEMORY_KERNEL_BLOCK="32")
     assert (ok._TRITON_PRECISION, ok._triton_warps(128)) == ("tf32", 4)
+    # the blocked kernels only for depth 2 and a block narrower than the hidden width
+    assert (ok._triton_block(2, 128), ok._triton_block(2, 32), ok._triton_block(1, 128)) == (32, None, None)
     default = load()
     assert (default._TRITON_PRECISION, default._triton_warps(128), default._triton_warps(64)) == ("tf32x3", 8, 4)
+    assert default._triton_block(2, 128) is None

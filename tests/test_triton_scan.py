@@ -130,6 +130,25 @@ def test_kernel_matches_torch_scan(spy, monkeypatch, depth, with_initial, activa
     _assert_close(grads, ref_grads, "gradients")
 
 
+@pytest.mark.parametrize(
+    "with_initial, activation, weight_batch", [(False, "silu", B), (True, "gelu", 1), (True, "tanh", B)]
+)
+def test_blocked_kernels_match_torch_scan(spy, monkeypatch, with_initial, activation, weight_batch):
+    """TITANS_MEMORY_KERNEL_BLOCK=16 at E = 32: the depth-2 kernels that take the hidden width in two blocks
+    (`_tk_scan_fwd_blocked` / `_tk_scan_bwd_blocked`, four passes over the blocks in the backward) give the outputs,
+    states and every gradient of the PyTorch scan."""
+    monkeypatch.setattr(mt, "_TRITON_BLOCK", "16")
+    monkeypatch.setattr(mt, "_tk_scan_fwd", None)  # the unblocked kernels must not run
+    monkeypatch.setattr(mt, "_tk_scan_bwd", None)
+    tensors = _problem(2, with_initial, weight_batch=weight_batch, seed=11 + with_initial)
+    out, grads = _run(tensors, 2, activation)
+    assert spy == {"forward": 1, "backward": 1}
+    monkeypatch.setenv("TITANS_MEMORY_KERNEL", "torch")
+    ref_out, ref_grads = _run(tensors, 2, activation)
+    _assert_close(out, ref_out, "outputs/states")
+    _assert_close(grads, ref_grads, "gradients")
+
+
 def test_scan_operator_runs_the_kernels(spy, monkeypatch):
     """The scan operator of compiled graphs (`_MEMORY_SCAN_OP`) runs the kernel pair, its backward from the
     chunk-start states it returned (n_chunks slots of the forward's buffers), and matches the PyTorch scan."""
@@ -224,7 +243,7 @@ def test_model_training_step_matches(spy, monkeypatch, compiled):
 
 def test_kernel_spills_script_reports_the_compiled_resources():
     """scripts/kernel_spills.py compiles a kernel for sm_90 without a GPU and reads ptxas's figures: at the smallest
-    sizes the forward fits its registers, and 4 warps give 128 threads."""
+    sizes the forward fits its registers, and 4 warps give 128 threads; so does the blocked forward (`--block`)."""
     import json
     import subprocess
     import sys
@@ -242,3 +261,9 @@ def test_kernel_spills_script_reports_the_compiled_resources():
     assert stats["kernel"] == "fwd" and stats["threads"] == 128 and stats["D"] == 16
     assert 0 < stats["registers"] <= 255 and stats["stack_bytes_per_thread"] == 0
     assert stats["shared_bytes"] > 0 and stats["spill_store_bytes_per_thread"] == 0
+    # the blocked forward (`--block`, E = 32 in two blocks of 16) compiles too, and reports its block
+    proc = subprocess.run(cmd + ["--block", "16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (stats["kernel"], stats["EB"], stats["E"]) == ("fwd", 16, 32) and "DEPTH" not in stats
+    assert 0 < stats["registers"] <= 255 and stats["spill_store_bytes_per_thread"] == 0
