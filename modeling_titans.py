@@ -1132,11 +1132,18 @@ if triton is not None:
                      HAS_INIT: tl.constexpr, PREC: tl.constexpr):
         """Pre-activation of one memory layer (O x I) at every token's own weights M_i, by the dual form:
         z = β h Wᵀ + f h Sᵀ + (1 - β) h M_initᵀ - (G ∘ h aᵀ) δ (`memory_chunk_update`)."""
+        return _tk_retrieve_scored(h, w_ptr, s_ptr, i_ptr, gs * _tk_mm_nt(h, inp, PREC), delta, beta, f, O, I,
+                                   HAS_INIT, PREC)  # fmt: skip
+
+    @triton.jit
+    def _tk_retrieve_scored(h, w_ptr, s_ptr, i_ptr, scored, delta, beta, f, O: tl.constexpr, I: tl.constexpr,
+                            HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+        """`_tk_retrieve` given its (C x C) scores G ∘ h aᵀ (the blocked kernels form them once per chunk)."""
         z = beta[:, None] * _tk_mm(h, _tk_load_t(w_ptr, O, I), PREC)
         z += f[:, None] * _tk_mm(h, _tk_load_t(s_ptr, O, I), PREC)
         if HAS_INIT:
             z += (1.0 - beta[:, None]) * _tk_mm(h, _tk_load_t(i_ptr, O, I), PREC)
-        return z - _tk_mm(gs * _tk_mm_nt(h, inp, PREC), delta, PREC)
+        return z - _tk_mm(scored, delta, PREC)
 
     @triton.jit
     def _tk_new_state(w_ptr, s_ptr, i_ptr, new_w_ptr, new_s_ptr, inp, delta, g_last, n_last, beta_l, f_l, m_l,
@@ -1200,7 +1207,7 @@ if triton is not None:
     @triton.jit
     def _tk_scan_fwd_blocked(
         q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr,
-        w0_ptr, s0_ptr, i0_ptr, w1_ptr, s1_ptr, i1_ptr, out_ptr,
+        w0_ptr, s0_ptr, i0_ptr, w1_ptr, s1_ptr, i1_ptr, out_ptr, x_ptr,
         n_chunks, heads, state_slots, BH,
         D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, EB: tl.constexpr, ACT: tl.constexpr,
         HAS_INIT: tl.constexpr, PREC: tl.constexpr,
@@ -1209,10 +1216,12 @@ if triton is not None:
         ever held: every product then works on (C, EB) tiles. Layer 0's rows and layer 1's columns split along E,
         so the chunk-end states, the hidden activations and layer 0's retrieval are computed block by block; what
         sums over E (layer 1's prediction on the keys, |a_1|², its retrieval and its score h aᵀ) accumulates over
-        the blocks. Two passes over E per chunk: the first forms δ_1, which every block of the second needs."""
+        the blocks. Two passes over E per chunk: the first forms δ_1, which every block of the second needs.
+        Layer 0's retrieval scores G ∘ q kᵀ, which every block uses, wait in `x_ptr` (C x C per program)."""
         pid = tl.program_id(0).to(tl.int64)
         head = pid % heads
         T = n_chunks * C
+        xs = x_ptr + pid * C * C
         for c in range(n_chunks):
             tok = pid * T + c * C
             q, k, v, gs, g_last, n_last, beta, f, beta_l, f_l, m_l = _tk_load_chunk(
@@ -1233,6 +1242,7 @@ if triton is not None:
             # δ_1 = raw_1 r_1; raw_1 waits in this chunk's output rows (written last), read back where needed
             op = out_ptr + tok * D
             _tk_store(op, 2.0 * (pred + k - v), C, D)
+            _tk_store(xs, gs * _tk_mm_nt(q, k, PREC), C, C)
             r1 = 1.0 / (1.0 + norm1)
             tl.debug_barrier()
             # pass 2: per block, δ_0, layer 0's retrieval h_1, both layers' chunk-end states; layer 1's retrieval
@@ -1243,8 +1253,8 @@ if triton is not None:
                 z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC)
                 a1 = _tk_act(z0, ACT)
                 d0 = _tk_mm(_tk_load(op, C, D), _tk_load(w1 + e, D, EB, E), PREC) * _tk_act_grad(z0, ACT) * r0[:, None]
-                h1 = _tk_act(_tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, _tk_load(kp, C, D),
-                                          d0, _tk_load(gp, C, C), beta, f, EB, D, HAS_INIT, PREC), ACT)  # fmt: skip
+                h1 = _tk_act(_tk_retrieve_scored(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D,
+                                                 _tk_load(xs, C, C), d0, beta, f, EB, D, HAS_INIT, PREC), ACT)
                 out += beta[:, None] * _tk_mm(h1, _tk_load_t(w1 + e, D, EB, E), PREC)
                 out += f[:, None] * _tk_mm(h1, _tk_load_t(s1 + e, D, EB, E), PREC)
                 if HAS_INIT:
@@ -1467,8 +1477,9 @@ if triton is not None:
         rc = tl.arange(0, C)
         T = n_chunks * C
         last_row = rc == C - 1
-        x = x_ptr + pid * (C * E + C * C)
+        x = x_ptr + pid * (C * E + 2 * C * C)
         xs = x + C * E  # (C, C) after the (C, E) block: G ∘ the score gradient of layer 1's retrieval
+        xp = xs + C * C  # and layer 0's retrieval scores G ∘ q kᵀ
         for step in range(n_chunks):
             c = n_chunks - 1 - step
             tok = pid * T + c * C
@@ -1515,7 +1526,8 @@ if triton is not None:
             rp = dv_ptr + tok * D
             raw1 = 2.0 * (pred + k - v)
             _tk_store(rp, raw1, C, D)
-            tl.debug_barrier()  # by all threads before any reads it back
+            _tk_store(xp, gs * _tk_mm_nt(q, k, PREC), C, C)
+            tl.debug_barrier()  # by all threads before any reads them back
             r1 = 1.0 / (1.0 + norm1)
             d1 = raw1 * r1[:, None]
             gd1 = -g_last[:, None] * a_dw1 - n_last[:, None] * a_ds1
@@ -1527,8 +1539,8 @@ if triton is not None:
                 z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC)
                 d0 = _tk_mm(_tk_load(rp, C, D), _tk_load(w1 + e, D, EB, E), PREC) * _tk_act_grad(z0, ACT)
                 d0 *= r0[:, None]
-                h1 = _tk_act(_tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, _tk_load(kp, C, D),
-                                          d0, _tk_load(gp, C, C), beta, f, EB, D, HAS_INIT, PREC), ACT)  # fmt: skip
+                h1 = _tk_act(_tk_retrieve_scored(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D,
+                                                 _tk_load(xp, C, C), d0, beta, f, EB, D, HAS_INIT, PREC), ACT)
                 score1 += _tk_mm_nt(h1, _tk_act(z0, ACT), PREC)
             dout = _tk_load(dp, C, D)
             g_score1 = -_tk_mm_nt(dout, d1, PREC)
@@ -1552,8 +1564,8 @@ if triton is not None:
                 carried0 = _tk_mm(_tk_load(rp, C, D), _tk_load(w1 + e, D, EB, E), PREC)
                 raw0 = carried0 * slope0
                 d0 = raw0 * r0[:, None]
-                zq = _tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, _tk_load(kp, C, D), d0,
-                                  _tk_load(gp, C, C), beta, f, EB, D, HAS_INIT, PREC)  # fmt: skip
+                zq = _tk_retrieve_scored(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, _tk_load(xp, C, C),
+                                         d0, beta, f, EB, D, HAS_INIT, PREC)  # fmt: skip
                 h1 = _tk_act(zq, ACT)
                 # layer 1's retrieval, columns e: back from dout (`_tk_retrieve_bwd`, O = D, I = EB)
                 back_w = _tk_mm(_tk_load(dp, C, D), _tk_load(w1 + e, D, EB, E), PREC)
@@ -1606,8 +1618,7 @@ if triton is not None:
                 a_dw = _tk_mm(_tk_load(kp, C, D), _tk_load_t(dw0 + e * D, EB, D), PREC)
                 a_ds = _tk_mm(_tk_load(kp, C, D), _tk_load_t(ds0 + e * D, EB, D), PREC)
                 gd0 = -g_last[:, None] * a_dw - n_last[:, None] * a_ds
-                score0 = _tk_mm_nt(_tk_load(qp, C, D), _tk_load(kp, C, D), PREC)
-                gd0 -= _tk_mm_tn(_tk_load(gp, C, C) * score0, dz, PREC)
+                gd0 -= _tk_mm_tn(_tk_load(xp, C, C), dz, PREC)
                 g_g_last -= tl.sum(d0 * a_dw, 1)
                 g_n -= tl.sum(d0 * a_ds, 1)
                 ga0 -= _tk_mm(d0 * g_last[:, None], dw_0, PREC) + _tk_mm(d0 * n_last[:, None], ds_0, PREC)
@@ -1689,8 +1700,9 @@ def _triton_scan_forward(weights, momentum, initial, sequence, chunk_size, activ
     block = _triton_block(depth, E)
     if block is None:
         _tk_scan_fwd[(B * H,)](*args, DEPTH=depth, **common)
-    else:
-        _tk_scan_fwd_blocked[(B * H,)](*args, EB=block, **common)
+    else:  # scratch per program: layer 0's retrieval scores (C x C)
+        _tk_scan_fwd_blocked[(B * H,)](*args[:15], q.new_empty(B * H, chunk_size, chunk_size), *args[15:], EB=block,
+                                       **common)  # fmt: skip
     last = n_chunks % slots
     final_w = tuple(b[last].clone() for b in states_w)
     final_s = tuple(b[last].clone() for b in states_s)
@@ -1726,8 +1738,8 @@ def _triton_scan_backward(boundaries, initial, sequence, grad_out, grad_w, grad_
     block = _triton_block(depth, E)
     if block is None:
         _tk_scan_bwd[(B * H,)](*args, n_chunks, H, B * H, DEPTH=depth, **common)
-    else:  # scratch per program: the z_0 gradients parked between passes 3 and 4 (C x E), then a C x C tile
-        parked = q.new_empty(B * H, chunk_size * (E + chunk_size))
+    else:  # scratch per program: the z_0 gradients parked between passes 3 and 4 (C x E), then two C x C tiles
+        parked = q.new_empty(B * H, chunk_size * (E + 2 * chunk_size))
         _tk_scan_bwd_blocked[(B * H,)](*args, parked, n_chunks, H, B * H, EB=block, **common)
     grad_initial = tuple(t.sum(0, keepdim=True) for t in grad_init) if initial else ()
     return tuple(t[0] for t in scratch_w), tuple(t[0] for t in scratch_s), grad_initial, grads
