@@ -967,8 +967,8 @@ def _triton_warps(E: int) -> int:
 # `_tk_scan_bwd`). A block EB < E runs `_tk_scan_fwd_blocked` / `_tk_scan_bwd_blocked`, which hold (C, EB) tiles
 # instead of (C, E) ones and read q, k, G and the output gradient again at each use, to cut the register spills
 # above, at the price of recomputing each block's forward once (forward) or three times (backward) per chunk.
-# Offline for sm_90 at d=64, E=128, 8 warps, tf32x3 with EB=32: spill space 1.8 KB forward and 4.5 KB backward per
-# thread (3.8 and 10.0 unblocked), static spill traffic 4.8 and 20.0 KB (12.9 and 62.3), shared memory 64 and 80 KB
+# Offline for sm_90 at d=64, E=128, 8 warps, tf32x3 with EB=32: spill space 1.6 KB forward and 4.0 KB backward per
+# thread (3.8 and 10.0 unblocked), static spill traffic 5.0 and 17.5 KB (12.9 and 62.3), shared memory 64 and 80 KB
 # (160 and 160). Not yet timed on a GPU (`gpu_checks.sh tblock`): unset stays the default until it is.
 _TRITON_BLOCK = os.environ.get("TITANS_MEMORY_KERNEL_BLOCK")
 if _TRITON_BLOCK is not None and _TRITON_BLOCK not in ("16", "32", "64", "128"):
