@@ -149,9 +149,12 @@ def test_blocked_kernels_match_torch_scan(spy, monkeypatch, with_initial, activa
     _assert_close(grads, ref_grads, "gradients")
 
 
-def test_scan_operator_runs_the_kernels(spy, monkeypatch):
+@pytest.mark.parametrize("block", [None, "16"])
+def test_scan_operator_runs_the_kernels(spy, monkeypatch, block):
     """The scan operator of compiled graphs (`_MEMORY_SCAN_OP`) runs the kernel pair, its backward from the
-    chunk-start states it returned (n_chunks slots of the forward's buffers), and matches the PyTorch scan."""
+    chunk-start states it returned (n_chunks slots of the forward's buffers), and matches the PyTorch scan; so do the
+    blocked kernels (TITANS_MEMORY_KERNEL_BLOCK=16)."""
+    monkeypatch.setattr(mt, "_TRITON_BLOCK", block)
     tensors = _problem(2, True, seed=5)
     out, grads = _run(tensors, 2, "silu", operator=True)
     assert spy == {"forward": 1, "backward": 1}
