@@ -1470,7 +1470,8 @@ if triton is not None:
         1. layer 1's prediction and |a_1|² (so δ_1), and the chunk-end state's backward into δ_1 (sums over E);
         2. layer 1's retrieval score h_1 a_1ᵀ (a sum over E), which the gradient of δ_1 and every block's g_h need;
         3. per block, both retrievals' and both chunk-end states' backward, down to δ_0's dependence on δ_1; the
-           gradient of z_0 that does not pass through δ_1 is parked in `x_ptr` (C x E per program);
+           gradient of z_0 that does not pass through δ_1 is parked in `x_ptr` (per program C x E, then two C x C
+           tiles: G ∘ layer 1's score gradient and G ∘ q kᵀ);
         4. with δ_1's gradient complete, the rest of z_0's gradient, W_0, W_1 and the keys."""
         pid = tl.program_id(0).to(tl.int64)
         head = pid % heads
