@@ -1129,20 +1129,18 @@ if triton is not None:
 
     @triton.jit
     def _tk_retrieve(h, w_ptr, s_ptr, i_ptr, inp, delta, gs, beta, f, O: tl.constexpr, I: tl.constexpr,
-                     HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+                     HAS_INIT: tl.constexpr, PREC: tl.constexpr, SCORED: tl.constexpr = False):
         """Pre-activation of one memory layer (O x I) at every token's own weights M_i, by the dual form:
-        z = β h Wᵀ + f h Sᵀ + (1 - β) h M_initᵀ - (G ∘ h aᵀ) δ (`memory_chunk_update`)."""
-        return _tk_retrieve_scored(h, w_ptr, s_ptr, i_ptr, gs * _tk_mm_nt(h, inp, PREC), delta, beta, f, O, I,
-                                   HAS_INIT, PREC)  # fmt: skip
-
-    @triton.jit
-    def _tk_retrieve_scored(h, w_ptr, s_ptr, i_ptr, scored, delta, beta, f, O: tl.constexpr, I: tl.constexpr,
-                            HAS_INIT: tl.constexpr, PREC: tl.constexpr):
-        """`_tk_retrieve` given its (C x C) scores G ∘ h aᵀ (the blocked kernels form them once per chunk)."""
+        z = β h Wᵀ + f h Sᵀ + (1 - β) h M_initᵀ - (G ∘ h aᵀ) δ (`memory_chunk_update`). SCORED: `gs` is already
+        G ∘ h aᵀ (the blocked kernels form it once per chunk) and `inp` is not read."""
         z = beta[:, None] * _tk_mm(h, _tk_load_t(w_ptr, O, I), PREC)
         z += f[:, None] * _tk_mm(h, _tk_load_t(s_ptr, O, I), PREC)
         if HAS_INIT:
             z += (1.0 - beta[:, None]) * _tk_mm(h, _tk_load_t(i_ptr, O, I), PREC)
+        if SCORED:
+            scored = gs
+        else:
+            scored = gs * _tk_mm_nt(h, inp, PREC)
         return z - _tk_mm(scored, delta, PREC)
 
     @triton.jit
@@ -1253,8 +1251,8 @@ if triton is not None:
                 z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC)
                 a1 = _tk_act(z0, ACT)
                 d0 = _tk_mm(_tk_load(op, C, D), _tk_load(w1 + e, D, EB, E), PREC) * _tk_act_grad(z0, ACT) * r0[:, None]
-                h1 = _tk_act(_tk_retrieve_scored(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D,
-                                                 _tk_load(xs, C, C), d0, beta, f, EB, D, HAS_INIT, PREC), ACT)
+                h1 = _tk_act(_tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, 0, d0,
+                                          _tk_load(xs, C, C), beta, f, EB, D, HAS_INIT, PREC, True), ACT)
                 out += beta[:, None] * _tk_mm(h1, _tk_load_t(w1 + e, D, EB, E), PREC)
                 out += f[:, None] * _tk_mm(h1, _tk_load_t(s1 + e, D, EB, E), PREC)
                 if HAS_INIT:
@@ -1540,8 +1538,8 @@ if triton is not None:
                 z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC)
                 d0 = _tk_mm(_tk_load(rp, C, D), _tk_load(w1 + e, D, EB, E), PREC) * _tk_act_grad(z0, ACT)
                 d0 *= r0[:, None]
-                h1 = _tk_act(_tk_retrieve_scored(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D,
-                                                 _tk_load(xp, C, C), d0, beta, f, EB, D, HAS_INIT, PREC), ACT)
+                h1 = _tk_act(_tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, 0, d0,
+                                          _tk_load(xp, C, C), beta, f, EB, D, HAS_INIT, PREC, True), ACT)
                 score1 += _tk_mm_nt(h1, _tk_act(z0, ACT), PREC)
             dout = _tk_load(dp, C, D)
             g_score1 = -_tk_mm_nt(dout, d1, PREC)
@@ -1565,8 +1563,8 @@ if triton is not None:
                 carried0 = _tk_mm(_tk_load(rp, C, D), _tk_load(w1 + e, D, EB, E), PREC)
                 raw0 = carried0 * slope0
                 d0 = raw0 * r0[:, None]
-                zq = _tk_retrieve_scored(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, _tk_load(xp, C, C),
-                                         d0, beta, f, EB, D, HAS_INIT, PREC)  # fmt: skip
+                zq = _tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, 0, d0, _tk_load(xp, C, C),
+                                  beta, f, EB, D, HAS_INIT, PREC, True)  # fmt: skip
                 h1 = _tk_act(zq, ACT)
                 # layer 1's retrieval, columns e: back from dout (`_tk_retrieve_bwd`, O = D, I = EB)
                 back_w = _tk_mm(_tk_load(dp, C, D), _tk_load(w1 + e, D, EB, E), PREC)
