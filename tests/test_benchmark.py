@@ -335,3 +335,26 @@ def test_count_ops_launches_do_not_grow_with_the_length(monkeypatch):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert [line.split()[:2] for line in out.stdout.splitlines()[1:]] == [["swa", "64"], ["llama", "64"]], out.stdout
+
+
+def test_tf32_emulation_rounds_the_scan_products(monkeypatch, tmp_path):
+    """scripts/tf32_emulation.py: `to_tf32` keeps 10 mantissa bits, rounding to nearest with ties to even, and the scan
+    with its products so rounded errs like tf32 (1e-5 to 1e-2 relative to fp64), far above the fp32 scan (under 1e-5):
+    the rounding reaches the scan's products, forward and backward, and only them."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("titans_tf32_script", os.path.join(ROOT, "scripts", "tf32_emulation.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ulp = 2.0**-10  # tf32's spacing above 1
+    x = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, 1 + ulp / 2 + 2.0**-20, -(1 + ulp / 4), 3.0])
+    expected = torch.tensor([1.0, 1 + 2 * ulp, 1 + ulp, -1.0, 3.0])  # ties to even, above the tie up, below it down
+    assert torch.equal(script.to_tf32(x), expected)
+    monkeypatch.setenv("TITANS_MEMORY_KERNEL", "auto")  # the script sets `torch` for its run
+    out = tmp_path / "tf32.json"
+    result = script.main(["--lengths", "128", "--output", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row == result["rows"][0] and row["chunks"] == 2
+    for group in ("outputs", "outputs_and_states", "gradients"):
+        assert row["fp32"][group] < 1e-5 and 1e-5 < row["tf32"][group] < 1e-2, (group, row)
+    assert script.mt._scan_forward.__name__ == "_scan_forward"  # the tf32 wrapper is gone after the run
