@@ -1,15 +1,20 @@
 """How much plain tf32 products would cost the memory scan in accuracy, measured on a CPU by emulating them.
 
-    python scripts/tf32_emulation.py [--lengths 1024 4096 16384] [--output results/tf32_emulation_scan.json]
+    python scripts/tf32_emulation.py [--lengths 1024 4096 16384] [--gates model|check] [--output FILE.json]
 
 The fused GPU kernels multiply in tf32x3 by default (three tf32 products per product, fp32-level accuracy); plain
 tf32 would take a third of the tensor-core work and spill fewer registers (`scripts/kernel_spills.py --precision tf32`).
 This script runs the PyTorch scan (`_MemoryScanFunction`, forward and backward) three ways at the anchor sizes of
-`scripts/gpu_triton_check.py` (B 4, H 4, d 64, E 128, chunk 64, depth 2, silu, M_init, its inputs): in fp64 (the
+`scripts/gpu_triton_check.py` (B 4, H 4, d 64, E 128, chunk 64, depth 2, silu, M_init, its weights, q, k, v): in fp64 (the
 reference), in fp32, and in fp32 with the operands of every matmul inside the scan rounded to tf32 (10-bit mantissa,
 round to nearest even; accumulation stays fp32, as on tensor cores). It prints and writes, per length, the relative
 error (max |x - ref| / max |ref| over each group) of the outputs and chunk-end states, of the gradients of every
 input, and of the outputs alone. The kernels themselves are checked on a GPU by `gpu_triton_check.py --precision tf32`.
+
+Gates: `model` (default) draws them as a freshly initialised model does (`memory_gates` with unit-normal logits and
+the initial biases 0, -5, -2: the state keeps about 0.99 of itself per token, so errors could build up along the
+sequence); `check` takes `gpu_triton_check.py`'s, whose forget gates keep under 1 % per token (only the momentum
+carries the past).
 """
 
 import argparse
@@ -65,8 +70,22 @@ def relative_error(got, ref) -> float:
     return max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref, strict=True))
 
 
-def measure(T: int, seed: int = 0) -> dict:
+def model_gates(T: int, seed: int) -> tuple[list[torch.Tensor], float]:
+    """The chunk coefficients of gates drawn as at initialisation, and the geometric mean of 1 - α per token: `memory_gates` with unit-normal logits, the initial
+    gate biases (θ 0, α -5, η -2; `TitansPreTrainedModel._init_weights`) and the benchmark's max θ 1/64."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    logits = [torch.randn(B, T, H, generator=gen) for _ in range(3)]
+    bias = torch.tensor([[0.0], [-5.0], [-2.0]]).expand(3, H)
+    lr, log_eta, log_keep = mt.memory_gates(*logits, bias, 1.0 / C, torch.float32).unbind(-1)
+    return list(mt.memory_chunk_coefficients(lr, log_eta, log_keep, C)), log_keep.mean().exp().item()
+
+
+def measure(T: int, seed: int = 0, gates: str = "model") -> dict:
     tensors = make_inputs(B, H, D, E, C, T, DEPTH, "cpu", seed=seed)
+    keep = None  # `check`: its forget gates keep exp(-5) of the state per token, in the geometric mean
+    if gates == "model":
+        coefficients, keep = model_gates(T, seed)
+        tensors[-5:] = [t.contiguous() for t in coefficients]
     outs, _ = scan("torch", tensors, C, DEPTH, ACTIVATION)
     gen = torch.Generator().manual_seed(seed + 1)
     cotangents = [torch.randn(o.shape, generator=gen) for o in outs]
@@ -79,7 +98,7 @@ def measure(T: int, seed: int = 0) -> dict:
         tf32 = scan("torch", tensors, C, DEPTH, ACTIVATION, cotangents)
     finally:
         mt._scan_forward, mt._scan_backward = forward, backward
-    row = {"tokens": T, "chunks": T // C}
+    row = {"tokens": T, "chunks": T // C, "gates": gates, "keep_per_token": keep and round(keep, 4)}
     for name, got in (("fp32", fp32), ("tf32", tf32)):
         row[name] = {"outputs": relative_error(got[0][:1], ref[0][:1]),
                      "outputs_and_states": relative_error(got[0], ref[0]),
@@ -92,6 +111,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gates", nargs="+", choices=["model", "check"], default=["model", "check"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -99,10 +119,11 @@ def main(argv=None):
     os.environ["TITANS_MEMORY_KERNEL"] = "torch"  # the PyTorch scan, whatever the device offers
     result = {"torch": torch.__version__, "sizes": dict(B=B, H=H, d=D, E=E, chunk=C, depth=DEPTH, activation=ACTIVATION),
               "seed": args.seed, "rows": []}  # fmt: skip
-    for T in args.lengths:
-        row = measure(T, args.seed)
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
+    for gates in args.gates:
+        for T in args.lengths:
+            row = measure(T, args.seed, gates)
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=1)

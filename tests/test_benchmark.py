@@ -353,8 +353,10 @@ def test_tf32_emulation_rounds_the_scan_products(monkeypatch, tmp_path):
     monkeypatch.setenv("TITANS_MEMORY_KERNEL", "auto")  # the script sets `torch` for its run
     out = tmp_path / "tf32.json"
     result = script.main(["--lengths", "128", "--output", str(out)])
-    row = json.loads(out.read_text())["rows"][0]
-    assert row == result["rows"][0] and row["chunks"] == 2
-    for group in ("outputs", "outputs_and_states", "gradients"):
-        assert row["fp32"][group] < 1e-5 and 1e-5 < row["tf32"][group] < 1e-2, (group, row)
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == result["rows"] and [(r["gates"], r["chunks"]) for r in rows] == [("model", 2), ("check", 2)]
+    assert 0.98 < rows[0]["keep_per_token"] < 0.995  # gates as at initialisation: the state persists
+    for row in rows:
+        for group in ("outputs", "outputs_and_states", "gradients"):
+            assert row["fp32"][group] < 1e-5 and 1e-5 < row["tf32"][group] < 1e-2, (group, row)
     assert script.mt._scan_forward.__name__ == "_scan_forward"  # the tf32 wrapper is gone after the run
