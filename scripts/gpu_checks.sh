@@ -10,7 +10,8 @@
 #   triton4   (only when named) the same with 4 warps per program instead of 8 (half the spilled bytes per program)
 #   tblock    (only when named) the same with the blocked depth-2 kernels (TITANS_MEMORY_KERNEL_BLOCK=$TBLOCK, default
 #             32: (C, 32) tiles instead of (C, 128), under a third of the backward's spill traffic offline; products
-#             $TBLOCK_PRECISION, default tf32x3), then `large`'s MAG with them (default precision)
+#             $TBLOCK_PRECISION, default tf32x3; gates $TBLOCK_GATES: check, or model as at initialisation), then
+#             `large`'s MAG with them (default precision)
 #   bench     scripts/benchmark.py on CUDA, bf16 autocast, batch 4: Titans vs memory-disabled vs Llama (sdpa) at 4k
 #             and 32k, with TITANS_MEMORY_KERNEL=$BENCH_KERNEL (default torch: the PyTorch chunk loop, the baseline)
 #   kernel    the same benchmark with TITANS_MEMORY_KERNEL=auto (fused kernels) and --titans-attn $KERNEL_ATTN
@@ -87,7 +88,7 @@ stage triton4 400 $PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-40
     --scaling ${TRITON_SCALING:-4 8 16 32} --output "$OUT/triton_check_w4.json"
 # the blocked kernels (compiled offline for sm_90: scripts/kernel_spills.py --block 32), only when named
 stage tblock 400 bash -c "$PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-4096 32768} --block ${TBLOCK:-32} \
-    --precision ${TBLOCK_PRECISION:-tf32x3} --scaling ${TRITON_SCALING:-4 8 16 32} --output $OUT/triton_check_block.json && TITANS_MEMORY_KERNEL_BLOCK=${TBLOCK:-32} \
+    --precision ${TBLOCK_PRECISION:-tf32x3} --gates ${TBLOCK_GATES:-check} --scaling ${TRITON_SCALING:-4 8 16 32} --output $OUT/triton_check_block.json && TITANS_MEMORY_KERNEL_BLOCK=${TBLOCK:-32} \
     $PY scripts/benchmark.py --device cuda --dtype bfloat16 --lengths 4096 --no-decode --isolation model \
     --code-ref worktree --warmup 1 --min-steps 3 --max-steps 5 --step-budget-s 6 --slow-step-s 8 --capped-steps 1 \
     --timeout 200 --plot none --models mag --hidden-size 1024 --num-heads 16 --intermediate-size 2816 \

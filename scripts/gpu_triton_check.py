@@ -36,7 +36,11 @@ import modeling_titans as mt  # noqa: E402
 TOLERANCE = {"ieee": 1e-3, "tf32x3": 1e-3, "tf32": 5e-2}
 
 
-def make_inputs(B, H, d, E, C, T, depth, device, seed=0):
+def make_inputs(B, H, d, E, C, T, depth, device, seed=0, gates="check"):
+    """Weights (M_init copied over the batch, zero momentum), M_init, unit q, k, v, and the chunk coefficients of
+    random gates. `check` (the default, as in every GPU run so far): forget gates keep only about exp(-5) of the state
+    per token, so the momentum alone carries the past; `model`: gates drawn as at initialisation (`model_gates`),
+    where the state keeps about 0.99 of itself per token."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     dims = [d] + [E] * (depth - 1) + [d]
@@ -47,9 +51,20 @@ def make_inputs(B, H, d, E, C, T, depth, device, seed=0):
     lr = torch.sigmoid(rnd(B, H, T) - 3.0) * 0.5
     log_eta = torch.nn.functional.logsigmoid(rnd(B, H, T) + 2.0)
     log_keep = torch.nn.functional.logsigmoid(-(rnd(B, H, T) + 5.0))
+    if gates == "model":
+        lr, log_eta, log_keep = model_gates(B, H, C, T, seed)
     coefficients = mt.memory_chunk_coefficients(lr.to(device), log_eta.to(device), log_keep.to(device), C)
     tensors = [t.to(device) for t in (*weights, *momentum, *init, q, k, v)] + list(coefficients)
     return [t.contiguous() for t in tensors]
+
+
+def model_gates(B, H, C, T, seed=0):
+    """θ, log η, log(1 - α) as a freshly initialised model draws them: `memory_gates` with unit-normal logits, the
+    initial gate biases (θ 0, α -5, η -2; `TitansPreTrainedModel._init_weights`) and max θ 1/C (the benchmark's)."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    logits = [torch.randn(B, T, H, generator=gen) for _ in range(3)]
+    bias = torch.tensor([[0.0], [-5.0], [-2.0]]).expand(3, H)
+    return mt.memory_gates(*logits, bias, 1.0 / C, torch.float32).unbind(-1)
 
 
 def scan(mode, tensors, C, depth, activation, grads=None):
@@ -110,6 +125,8 @@ def main():
                         help="warps per program (TITANS_MEMORY_KERNEL_WARPS)")
     parser.add_argument("--block", type=int, default=None, choices=(16, 32, 64),
                         help="hidden-width block: the blocked depth-2 kernels (TITANS_MEMORY_KERNEL_BLOCK)")
+    parser.add_argument("--gates", default="check", choices=["check", "model"],
+                        help="random gates of the check (`make_inputs`); `model`: as at initialisation")
     parser.add_argument("--scaling", type=int, nargs="*", default=[], help="batch sizes for the program-count sweep")
     parser.add_argument("--scaling-length", type=int, default=4096)
     parser.add_argument("--output", default=None, help="also write the final JSON here")
@@ -130,7 +147,7 @@ def main():
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
               "torch": torch.__version__, "precision": args.precision, "B": B, "H": H, "d": d, "E": E, "C": C,
               "depth": depth, "activation": act, "num_warps": mt._triton_warps(E),
-              "block": mt._triton_block(depth, E), "ok": False}  # fmt: skip
+              "block": mt._triton_block(depth, E), "gates": args.gates, "ok": False}  # fmt: skip
     try:
         import triton
 
@@ -148,7 +165,7 @@ def main():
     device = torch.device("cuda")
     ok = True
     try:
-        tensors = make_inputs(B, H, d, E, C, args.check_length, depth, device)
+        tensors = make_inputs(B, H, d, E, C, args.check_length, depth, device, gates=args.gates)
         result["dispatch"] = mt._use_triton_scan(tensors, depth, C, act, None)
         os.environ["TITANS_MEMORY_KERNEL"] = "triton"
         assert mt._use_triton_scan(tensors, depth, C, act, None), "kernel not dispatched at the anchor sizes"

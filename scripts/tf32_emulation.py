@@ -11,10 +11,9 @@ round to nearest even; accumulation stays fp32, as on tensor cores). It prints a
 error (max |x - ref| / max |ref| over each group) of the outputs and chunk-end states, of the gradients of every
 input, and of the outputs alone. The kernels themselves are checked on a GPU by `gpu_triton_check.py --precision tf32`.
 
-Gates: `model` (default) draws them as a freshly initialised model does (`memory_gates` with unit-normal logits and
-the initial biases 0, -5, -2: the state keeps about 0.99 of itself per token, so errors could build up along the
-sequence); `check` takes `gpu_triton_check.py`'s, whose forget gates keep under 1 % per token (only the momentum
-carries the past).
+Gates (`gpu_triton_check.make_inputs`): `model` draws them as a freshly initialised model does (the state keeps about
+0.99 of itself per token, so errors could build up along the sequence); `check` takes the GPU check's default ones,
+whose forget gates keep under 1 % per token (only the momentum carries the past). Both run by default.
 """
 
 import argparse
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from gpu_triton_check import make_inputs, scan  # noqa: E402
+from gpu_triton_check import make_inputs, model_gates, scan  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import modeling_titans as mt  # noqa: E402
@@ -70,22 +69,10 @@ def relative_error(got, ref) -> float:
     return max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref, strict=True))
 
 
-def model_gates(T: int, seed: int) -> tuple[list[torch.Tensor], float]:
-    """The chunk coefficients of gates drawn as at initialisation, and the geometric mean of 1 - α per token: `memory_gates` with unit-normal logits, the initial
-    gate biases (θ 0, α -5, η -2; `TitansPreTrainedModel._init_weights`) and the benchmark's max θ 1/64."""
-    gen = torch.Generator().manual_seed(seed + 2)
-    logits = [torch.randn(B, T, H, generator=gen) for _ in range(3)]
-    bias = torch.tensor([[0.0], [-5.0], [-2.0]]).expand(3, H)
-    lr, log_eta, log_keep = mt.memory_gates(*logits, bias, 1.0 / C, torch.float32).unbind(-1)
-    return list(mt.memory_chunk_coefficients(lr, log_eta, log_keep, C)), log_keep.mean().exp().item()
-
-
 def measure(T: int, seed: int = 0, gates: str = "model") -> dict:
-    tensors = make_inputs(B, H, D, E, C, T, DEPTH, "cpu", seed=seed)
-    keep = None  # `check`: its forget gates keep exp(-5) of the state per token, in the geometric mean
-    if gates == "model":
-        coefficients, keep = model_gates(T, seed)
-        tensors[-5:] = [t.contiguous() for t in coefficients]
+    tensors = make_inputs(B, H, D, E, C, T, DEPTH, "cpu", seed=seed, gates=gates)
+    # geometric mean of 1 - α per token (`check`: about exp(-5))
+    keep = model_gates(B, H, C, T, seed)[2].mean().exp().item() if gates == "model" else None
     outs, _ = scan("torch", tensors, C, DEPTH, ACTIVATION)
     gen = torch.Generator().manual_seed(seed + 1)
     cotangents = [torch.randn(o.shape, generator=gen) for o in outs]
