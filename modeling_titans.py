@@ -1329,6 +1329,21 @@ if triton is not None:
         return g_h, g_beta, g_f, gw, g_delta, g_g, g_inp
 
     @triton.jit
+    def _tk_store_chunk_grads(dq_ptr, dk_ptr, dv_ptr, dg_ptr, dnl_ptr, dbeta_ptr, df_ptr, dm_ptr, tok, g_q, g_k, g_v, g_g,
+                              g_g_last, g_n, g_beta, g_f, g_beta_l, g_f_l, g_m_l, D: tl.constexpr, C: tl.constexpr):
+        """The per-token gradients of one chunk; row b of G, β_b, f_b, m_b also reach the chunk end."""
+        rc = tl.arange(0, C)
+        last_row = rc == C - 1
+        _tk_store(dq_ptr + tok * D, g_q, C, D)
+        _tk_store(dk_ptr + tok * D, g_k, C, D)
+        _tk_store(dv_ptr + tok * D, g_v, C, D)
+        _tk_store(dg_ptr + tok * C, g_g + tl.where(last_row[:, None], g_g_last[None, :], 0.0), C, C)
+        tl.store(dnl_ptr + tok + rc, g_n)
+        tl.store(dbeta_ptr + tok + rc, g_beta + tl.where(last_row, g_beta_l, 0.0))
+        tl.store(df_ptr + tok + rc, g_f + tl.where(last_row, g_f_l, 0.0))
+        tl.store(dm_ptr + tok + rc, tl.where(last_row, g_m_l, 0.0))
+
+    @triton.jit
     def _tk_scan_bwd(
         q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr,
         w0_ptr, s0_ptr, i0_ptr, w1_ptr, s1_ptr, i1_ptr, dout_ptr,
@@ -1344,9 +1359,7 @@ if triton is not None:
         accumulate per (batch, head) in di*."""
         pid = tl.program_id(0).to(tl.int64)
         head = pid % heads
-        rc = tl.arange(0, C)
         T = n_chunks * C
-        last_row = rc == C - 1
         for step in range(n_chunks):
             c = n_chunks - 1 - step
             tok = pid * T + c * C
@@ -1442,15 +1455,8 @@ if triton is not None:
                 g_k = g_pred + ga0 + _tk_mm(dz0, _tk_load(w0, E, D), PREC)
                 _tk_store(dw0_ptr + g_out * E * D, gw0, E, D)
                 _tk_store(dw1_ptr + g_out * D * E, gw1, D, E)
-            _tk_store(dq_ptr + tok * D, g_q, C, D)
-            _tk_store(dk_ptr + tok * D, g_k, C, D)
-            _tk_store(dv_ptr + tok * D, g_v, C, D)
-            # row b of G, β_b, f_b, m_b also reach the chunk end
-            _tk_store(dg_ptr + tok * C, g_g + tl.where(last_row[:, None], g_g_last[None, :], 0.0), C, C)
-            tl.store(dnl_ptr + tok + rc, g_n)
-            tl.store(dbeta_ptr + tok + rc, g_beta + tl.where(last_row, g_beta_l, 0.0))
-            tl.store(df_ptr + tok + rc, g_f + tl.where(last_row, g_f_l, 0.0))
-            tl.store(dm_ptr + tok + rc, tl.where(last_row, g_m_l, 0.0))
+            _tk_store_chunk_grads(dq_ptr, dk_ptr, dv_ptr, dg_ptr, dnl_ptr, dbeta_ptr, df_ptr, dm_ptr, tok, g_q, g_k, g_v,
+                                  g_g, g_g_last, g_n, g_beta, g_f, g_beta_l, g_f_l, g_m_l, D, C)  # fmt: skip
             tl.debug_barrier()  # slot c % 2 written by all threads before chunk c - 1 reads it
 
     @triton.jit
@@ -1473,9 +1479,7 @@ if triton is not None:
         4. with δ_1's gradient complete, the rest of z_0's gradient, W_0, W_1 and the keys."""
         pid = tl.program_id(0).to(tl.int64)
         head = pid % heads
-        rc = tl.arange(0, C)
         T = n_chunks * C
-        last_row = rc == C - 1
         x = x_ptr + pid * (C * E + 2 * C * C)
         xs = x + C * E  # (C, C) after the (C, E) block: G ∘ the score gradient of layer 1's retrieval
         xp = xs + C * C  # and layer 0's retrieval scores G ∘ q kᵀ
@@ -1650,14 +1654,8 @@ if triton is not None:
                 tl.debug_barrier()
                 _tk_store(gw1 + e, g_w1, D, EB, E)
                 _tk_store(gw0 + e * D, g_w0, EB, D)
-            _tk_store(dq_ptr + tok * D, g_q, C, D)
-            _tk_store(dk_ptr + tok * D, g_k, C, D)
-            _tk_store(dv_ptr + tok * D, -g_pred, C, D)
-            _tk_store(dg_ptr + tok * C, g_g + tl.where(last_row[:, None], g_g_last[None, :], 0.0), C, C)
-            tl.store(dnl_ptr + tok + rc, g_n)
-            tl.store(dbeta_ptr + tok + rc, g_beta + tl.where(last_row, g_beta_l, 0.0))
-            tl.store(df_ptr + tok + rc, g_f + tl.where(last_row, g_f_l, 0.0))
-            tl.store(dm_ptr + tok + rc, tl.where(last_row, g_m_l, 0.0))
+            _tk_store_chunk_grads(dq_ptr, dk_ptr, dv_ptr, dg_ptr, dnl_ptr, dbeta_ptr, df_ptr, dm_ptr, tok, g_q, g_k,
+                                  -g_pred, g_g, g_g_last, g_n, g_beta, g_f, g_beta_l, g_f_l, g_m_l, D, C)  # fmt: skip
             tl.debug_barrier()  # slot c % 2 written by all threads before chunk c - 1 reads it
 
 
