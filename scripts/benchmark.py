@@ -1265,7 +1265,9 @@ def main(argv=None) -> int:
                      tp_max_train_len=args.tp_max_train_len, timeout_s=args.timeout, max_rss_gib=args.max_rss_gib,
                      max_position_embeddings=max_len, dtype=args.dtype,
                      titans_attn=args.titans_attn, inference_mode=args.inference_mode, rounds=args.rounds, flops=args.flops,
-                     memory_kernel=os.environ.get("TITANS_MEMORY_KERNEL", "auto"), torch_compile=args.torch_compile),  # fmt: skip
+                     memory_kernel=os.environ.get("TITANS_MEMORY_KERNEL", "auto"), torch_compile=args.torch_compile,
+                     # every TITANS_* setting the workers inherit (kernel block, precision, warps, heap trimming)
+                     titans_environment={k: v for k, v in sorted(os.environ.items()) if k.startswith("TITANS_")}),  # fmt: skip
         "method": {
             "train": "tokens/s = batch*length / median(step), step = forward (loss on all positions) + backward, "
                      "zero_grad between steps, no optimiser step; random token ids (seed 1234); float32 weights, "

@@ -174,8 +174,12 @@ def test_benchmark_profile_of_a_mixed_precision_training_step(tmp_path):
 
 
 def test_benchmark_extra_model_by_name(tmp_path):
-    """mac_sliding is not in the default set, runs when named, and is MAC with mac_attention="sliding" (D20)."""
-    data, _, _ = run_quick(tmp_path, "--models", "mac_sliding", "--lengths", "64", "--no-decode", "--plot", "none")
+    """mac_sliding is not in the default set, runs when named, and is MAC with mac_attention="sliding" (D20); the
+    JSON's plan records the TITANS_* environment of the run."""
+    data, _, _ = run_quick(tmp_path, "--models", "mac_sliding", "--lengths", "64", "--no-decode", "--plot", "none",
+                           env={"TITANS_MEMORY_KERNEL_BLOCK": "32"})  # fmt: skip
+    # the TITANS_* settings the workers ran under are recorded (here one that CPU runs ignore)
+    assert data["plan"]["titans_environment"]["TITANS_MEMORY_KERNEL_BLOCK"] == "32"
     config = data["models"]["mac_sliding"]["config"]
     assert config["variant"] == "mac" and config["mac_attention"] == "sliding"
     check_entries(data, ["mac_sliding"], [64], [])
