@@ -1203,6 +1203,22 @@ if triton is not None:
             tl.debug_barrier()  # slot c + 1 written by all threads before the next iteration reads it
 
     @triton.jit
+    def _tk_block_forward(qp, kp, rp, sp, w0, s0, i0, w1, r0, beta, f, D: tl.constexpr, E: tl.constexpr,
+                          C: tl.constexpr, EB: tl.constexpr, ACT: tl.constexpr, HAS_INIT: tl.constexpr,
+                          PREC: tl.constexpr):
+        """The blocked kernels' recomputation of one block of E (layer 0's rows w0, s0, i0 and layer 1's columns w1,
+        already offset to the block) from the chunk's tiles in memory: q, k, raw_1 (`rp`) and G ∘ q kᵀ (`sp`).
+        Returns z_0 = k W_0ᵀ, a_1 = σ(z_0), carried_0 = raw_1 W_1, δ_0 = carried_0 σ'(z_0) r_0 and layer 0's
+        retrieval pre-activation z_q."""
+        z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0, EB, D), PREC)
+        a1 = _tk_act(z0, ACT)
+        carried0 = _tk_mm(_tk_load(rp, C, D), _tk_load(w1, D, EB, E), PREC)
+        d0 = carried0 * _tk_act_grad(z0, ACT) * r0[:, None]
+        zq = _tk_retrieve(_tk_load(qp, C, D), w0, s0, i0, 0, d0, _tk_load(sp, C, C), beta, f, EB, D, HAS_INIT, PREC,
+                          True)  # fmt: skip
+        return z0, a1, carried0, d0, zq
+
+    @triton.jit
     def _tk_scan_fwd_blocked(
         q_ptr, k_ptr, v_ptr, g_ptr, nl_ptr, beta_ptr, f_ptr, m_ptr,
         w0_ptr, s0_ptr, i0_ptr, w1_ptr, s1_ptr, i1_ptr, out_ptr, x_ptr,
@@ -1248,11 +1264,9 @@ if triton is not None:
             out = _tk_load(qp, C, D)
             score1 = tl.zeros((C, C), dtype=tl.float32)
             for e in range(0, E, EB):
-                z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC)
-                a1 = _tk_act(z0, ACT)
-                d0 = _tk_mm(_tk_load(op, C, D), _tk_load(w1 + e, D, EB, E), PREC) * _tk_act_grad(z0, ACT) * r0[:, None]
-                h1 = _tk_act(_tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, 0, d0,
-                                          _tk_load(xs, C, C), beta, f, EB, D, HAS_INIT, PREC, True), ACT)
+                _, a1, _, d0, zq = _tk_block_forward(qp, kp, op, xs, w0 + e * D, s0 + e * D, i0 + e * D, w1 + e, r0,
+                                                     beta, f, D, E, C, EB, ACT, HAS_INIT, PREC)  # fmt: skip
+                h1 = _tk_act(zq, ACT)
                 out += beta[:, None] * _tk_mm(h1, _tk_load_t(w1 + e, D, EB, E), PREC)
                 out += f[:, None] * _tk_mm(h1, _tk_load_t(s1 + e, D, EB, E), PREC)
                 if HAS_INIT:
@@ -1329,8 +1343,9 @@ if triton is not None:
         return g_h, g_beta, g_f, gw, g_delta, g_g, g_inp
 
     @triton.jit
-    def _tk_store_chunk_grads(dq_ptr, dk_ptr, dv_ptr, dg_ptr, dnl_ptr, dbeta_ptr, df_ptr, dm_ptr, tok, g_q, g_k, g_v, g_g,
-                              g_g_last, g_n, g_beta, g_f, g_beta_l, g_f_l, g_m_l, D: tl.constexpr, C: tl.constexpr):
+    def _tk_store_chunk_grads(dq_ptr, dk_ptr, dv_ptr, dg_ptr, dnl_ptr, dbeta_ptr, df_ptr, dm_ptr, tok, g_q, g_k, g_v,
+                              g_g, g_g_last, g_n, g_beta, g_f, g_beta_l, g_f_l, g_m_l, D: tl.constexpr,
+                              C: tl.constexpr):
         """The per-token gradients of one chunk; row b of G, β_b, f_b, m_b also reach the chunk end."""
         rc = tl.arange(0, C)
         last_row = rc == C - 1
@@ -1455,8 +1470,8 @@ if triton is not None:
                 g_k = g_pred + ga0 + _tk_mm(dz0, _tk_load(w0, E, D), PREC)
                 _tk_store(dw0_ptr + g_out * E * D, gw0, E, D)
                 _tk_store(dw1_ptr + g_out * D * E, gw1, D, E)
-            _tk_store_chunk_grads(dq_ptr, dk_ptr, dv_ptr, dg_ptr, dnl_ptr, dbeta_ptr, df_ptr, dm_ptr, tok, g_q, g_k, g_v,
-                                  g_g, g_g_last, g_n, g_beta, g_f, g_beta_l, g_f_l, g_m_l, D, C)  # fmt: skip
+            _tk_store_chunk_grads(dq_ptr, dk_ptr, dv_ptr, dg_ptr, dnl_ptr, dbeta_ptr, df_ptr, dm_ptr, tok, g_q, g_k,
+                                  g_v, g_g, g_g_last, g_n, g_beta, g_f, g_beta_l, g_f_l, g_m_l, D, C)  # fmt: skip
             tl.debug_barrier()  # slot c % 2 written by all threads before chunk c - 1 reads it
 
     @triton.jit
@@ -1539,12 +1554,9 @@ if triton is not None:
             # pass 2: layer 1's retrieval score
             score1 = tl.zeros((C, C), dtype=tl.float32)
             for e in range(0, E, EB):
-                z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC)
-                d0 = _tk_mm(_tk_load(rp, C, D), _tk_load(w1 + e, D, EB, E), PREC) * _tk_act_grad(z0, ACT)
-                d0 *= r0[:, None]
-                h1 = _tk_act(_tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, 0, d0,
-                                          _tk_load(xp, C, C), beta, f, EB, D, HAS_INIT, PREC, True), ACT)
-                score1 += _tk_mm_nt(h1, _tk_act(z0, ACT), PREC)
+                _, a1, _, _, zq = _tk_block_forward(qp, kp, rp, xp, w0 + e * D, s0 + e * D, i0 + e * D, w1 + e, r0,
+                                                    beta, f, D, E, C, EB, ACT, HAS_INIT, PREC)  # fmt: skip
+                score1 += _tk_mm_nt(_tk_act(zq, ACT), a1, PREC)
             dout = _tk_load(dp, C, D)
             g_score1 = -_tk_mm_nt(dout, d1, PREC)
             gd1 -= _tk_mm_tn(_tk_load(gp, C, C) * score1, _tk_load(dp, C, D), PREC)
@@ -1561,14 +1573,10 @@ if triton is not None:
             g_beta = tl.zeros((C,), dtype=tl.float32)
             g_f = tl.zeros((C,), dtype=tl.float32)
             for e in range(0, E, EB):
-                z0 = _tk_mm(_tk_load(kp, C, D), _tk_load_t(w0 + e * D, EB, D), PREC)
-                a1 = _tk_act(z0, ACT)
+                z0, a1, carried0, d0, zq = _tk_block_forward(qp, kp, rp, xp, w0 + e * D, s0 + e * D, i0 + e * D,
+                                                             w1 + e, r0, beta, f, D, E, C, EB, ACT, HAS_INIT, PREC)
                 slope0 = _tk_act_grad(z0, ACT)
-                carried0 = _tk_mm(_tk_load(rp, C, D), _tk_load(w1 + e, D, EB, E), PREC)
                 raw0 = carried0 * slope0
-                d0 = raw0 * r0[:, None]
-                zq = _tk_retrieve(_tk_load(qp, C, D), w0 + e * D, s0 + e * D, i0 + e * D, 0, d0, _tk_load(xp, C, C),
-                                  beta, f, EB, D, HAS_INIT, PREC, True)  # fmt: skip
                 h1 = _tk_act(zq, ACT)
                 # layer 1's retrieval, columns e: back from dout (`_tk_retrieve_bwd`, O = D, I = EB)
                 back_w = _tk_mm(_tk_load(dp, C, D), _tk_load(w1 + e, D, EB, E), PREC)
@@ -1690,16 +1698,16 @@ def _triton_scan_forward(weights, momentum, initial, sequence, chunk_size, activ
     w_args = _triton_args(depth, states_w, q)
     s_args = _triton_args(depth, states_s, q)
     i_args = _triton_args(depth, init, q)
-    args = (q, k, v, g, n_last, beta, f, m, w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], out,
-            n_chunks, H, slots, B * H)  # fmt: skip
+    pointers = (q, k, v, g, n_last, beta, f, m, w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], out)
+    sizes = (n_chunks, H, slots, B * H)
     common = dict(D=D, E=E, C=chunk_size, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
                   PREC=_TRITON_PRECISION, num_warps=_triton_warps(E), num_stages=1)  # fmt: skip
     block = _triton_block(depth, E)
     if block is None:
-        _tk_scan_fwd[(B * H,)](*args, DEPTH=depth, **common)
+        _tk_scan_fwd[(B * H,)](*pointers, *sizes, DEPTH=depth, **common)
     else:  # scratch per program: layer 0's retrieval scores (C x C)
-        _tk_scan_fwd_blocked[(B * H,)](*args[:15], q.new_empty(B * H, chunk_size, chunk_size), *args[15:], EB=block,
-                                       **common)  # fmt: skip
+        scores = q.new_empty(B * H, chunk_size, chunk_size)
+        _tk_scan_fwd_blocked[(B * H,)](*pointers, scores, *sizes, EB=block, **common)
     last = n_chunks % slots
     final_w = tuple(b[last].clone() for b in states_w)
     final_s = tuple(b[last].clone() for b in states_s)
