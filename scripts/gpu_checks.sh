@@ -10,14 +10,14 @@
 #   triton4   (only when named) the same with 4 warps per program instead of 8 (half the spilled bytes per program)
 #   tblock    (only when named) the same with the blocked depth-2 kernels (TITANS_MEMORY_KERNEL_BLOCK=$TBLOCK, default
 #             32: (C, 32) tiles instead of (C, 128), under a third of the backward's spill traffic offline; products
-#             $TBLOCK_PRECISION, default tf32x3; gates $TBLOCK_GATES: check, or model as at initialisation), then
-#             `large`'s MAG with them (default precision)
+#             $TBLOCK_PRECISION, default tf32x3; gates $TBLOCK_GATES: check, or model as at initialisation)
 #   bench     scripts/benchmark.py on CUDA, bf16 autocast, batch 4: Titans vs memory-disabled vs Llama (sdpa) at 4k
 #             and 32k, with TITANS_MEMORY_KERNEL=$BENCH_KERNEL (default torch: the PyTorch chunk loop, the baseline)
 #   kernel    the same benchmark with TITANS_MEMORY_KERNEL=auto (fused kernels) and --titans-attn $KERNEL_ATTN
 #   flex      the fused kernels again with --titans-attn flex_attention (block-sparse sliding window) for $FLEX_MODELS
 #   large     (only when named) the kernel benchmark at a GPU-sized width ($LARGE_DIMS: hidden 1024, 16 attention and
 #             16 memory heads, batch 8) for $LARGE_MODELS
+#   tlarge    (only when named) `large`'s MAG at 4k with the blocked kernels (block $TBLOCK)
 #   profile   torch.profiler tables (CUDA kernel time) of one bf16 training step at 4 x $PROFILE_LENGTH (default 4,096)
 #             for $PROFILE_MODELS, Titans attention $PROFILE_ATTN (default sdpa; flex_attention for the block-sparse
 #             window), at the anchor width or at $PROFILE_DIMS (e.g. PROFILE_DIMS="$LARGE_DIMS" for the large width)
@@ -87,13 +87,9 @@ stage triton 400 $PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-409
 stage triton4 400 $PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-4096} --num-warps 4 \
     --scaling ${TRITON_SCALING:-4 8 16 32} --output "$OUT/triton_check_w4.json"
 # the blocked kernels (compiled offline for sm_90: scripts/kernel_spills.py --block 32), only when named
-stage tblock 400 bash -c "$PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-4096 32768} --block ${TBLOCK:-32} \
-    --precision ${TBLOCK_PRECISION:-tf32x3} --gates ${TBLOCK_GATES:-check} --scaling ${TRITON_SCALING:-4 8 16 32} --output $OUT/triton_check_block.json && TITANS_MEMORY_KERNEL_BLOCK=${TBLOCK:-32} \
-    $PY scripts/benchmark.py --device cuda --dtype bfloat16 --lengths 4096 --no-decode --isolation model \
-    --code-ref worktree --warmup 1 --min-steps 3 --max-steps 5 --step-budget-s 6 --slow-step-s 8 --capped-steps 1 \
-    --timeout 200 --plot none --models mag --hidden-size 1024 --num-heads 16 --intermediate-size 2816 \
-    --memory-heads 16 --batch 8 --note 'gpu_checks.sh blocked kernels (TITANS_MEMORY_KERNEL_BLOCK=${TBLOCK:-32}), GPU-sized model' \
-    --output $OUT/benchmark_gpu_large_block.json"
+stage tblock 400 $PY scripts/gpu_triton_check.py --lengths ${TRITON_LENGTHS:-4096 32768} --block "${TBLOCK:-32}" \
+    --precision "${TBLOCK_PRECISION:-tf32x3}" --gates "${TBLOCK_GATES:-check}" --scaling ${TRITON_SCALING:-4 8 16 32} \
+    --output "$OUT/triton_check_block.json"
 stage bench ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL="${BENCH_KERNEL:-torch}" $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --models "$BENCH_MODELS" \
     --note "${BENCH_NOTE:-gpu_checks.sh} memory kernel ${BENCH_KERNEL:-torch}" --output "$OUT/benchmark_gpu.json"
 stage kernel ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${BENCH_ARGS[@]}" \
@@ -112,6 +108,11 @@ for a in "${BENCH_ARGS[@]}"; do [ "$a" = --flops ] || LARGE_ARGS+=("$a"); done
 stage large ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${LARGE_ARGS[@]}" "${LARGE_DIMS[@]}" \
     --models "${LARGE_MODELS:-llama,swa,mag,lmm}" \
     --note "${BENCH_NOTE:-gpu_checks.sh} fused memory kernels, GPU-sized model" --output "$OUT/benchmark_gpu_large.json"
+# `large`'s MAG at 4k with the blocked kernels (TITANS_MEMORY_KERNEL_BLOCK=$TBLOCK), only when named
+stage tlarge ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto TITANS_MEMORY_KERNEL_BLOCK="${TBLOCK:-32}" $PY \
+    scripts/benchmark.py "${LARGE_ARGS[@]}" "${LARGE_DIMS[@]}" --models mag --lengths 4096 \
+    --note "${BENCH_NOTE:-gpu_checks.sh} blocked kernels (block ${TBLOCK:-32}), GPU-sized model" \
+    --output "$OUT/benchmark_gpu_large_block.json"
 PROFILE_MODELS=${PROFILE_MODELS:-llama swa mag}
 PROFILE_ARGS=()
 for m in $PROFILE_MODELS; do PROFILE_ARGS+=(--profile "$m:${PROFILE_LENGTH:-4096}"); done
