@@ -487,3 +487,31 @@ def test_damaged_safetensors_give_a_clear_error_not_a_crash(tmp_path):
         assert result[folder] is not None, f"{folder}: damaged weights loaded without an error"
         kind, message = result[folder]
         assert re.search(r"safetensors|header|model\.safetensors", message, re.I), (folder, kind, message)
+
+
+@pytest.mark.parametrize("variant", ["mag", "mac"])
+def test_resized_embeddings_stay_tied_and_survive_a_device_map_reload(variant, tmp_path):
+    """Adding tokens before fine-tuning (`resize_token_embeddings`): the old tokens' logits do not move, the output
+    head stays tied to the input embedding, the new ids are accepted (and the id range check follows the new size),
+    and the resized model reloads through accelerate's `device_map="auto"` with the same logits."""
+    model = tiny_model(variant)
+    old = model.config.vocab_size
+    ids = torch.randint(2, old, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.resize_token_embeddings(old + 5)
+        after = model(ids).logits
+    assert model.config.vocab_size == old + 5 and after.shape[-1] == old + 5
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(after[..., :old], before, atol=1e-6, rtol=0)
+    with_new = torch.cat([ids, torch.full((2, 1), old + 4)], dim=1)
+    out = model.generate(with_new, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 16)
+    with pytest.raises(ValueError, match=f"token id {old + 5}"):
+        model(torch.tensor([[3, old + 5]]))
+    model.save_pretrained(tmp_path / "resized")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "resized", trust_remote_code=True, device_map="auto")
+    assert loaded.config.vocab_size == old + 5
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        assert_reloaded_logits(loaded(with_new).logits, model(with_new).logits)
