@@ -91,6 +91,13 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def memory_kernel_failures() -> dict:
+    """The fused memory kernels' configurations that failed in this process and fell back to the PyTorch scan
+    (`modeling_titans._TRITON_FAILED`: under TITANS_MEMORY_KERNEL=auto a failure only warns), as {key: error}."""
+    failed = getattr(sys.modules.get("modeling_titans"), "_TRITON_FAILED", None) or {}
+    return {str(key): error for key, error in failed.items()}
+
+
 def _import_titans(code_dir=None):
     if "modeling_titans" not in sys.modules:
         sys.path.insert(0, code_dir or ROOT)  # the snapshot of the model code taken when the run started
@@ -630,6 +637,9 @@ def worker_main(spec_path: str) -> int:
             res = {k: v for k, v in task.items()}
             res.update(model=spec["model"], status="oom" if oom else "error", error=text[-2000:],
                        traceback=traceback.format_exc()[-4000:], peak_rss_bytes=_peak_rss_bytes())  # fmt: skip
+        failures = memory_kernel_failures()
+        if failures:  # the scan fell back to the PyTorch chunk loop: a slow figure that is not the kernels'
+            res["memory_kernel_failures"] = failures
         state["results"].append(res)
         emit()
         if spec["device"].startswith("cuda"):
@@ -1011,6 +1021,9 @@ def format_tables(data) -> str:
                 else:
                     cells.append(str(e.get("status", "?")).split(" ")[0])
             lines.append(f"{m:<15}" + "".join(f"{c:>22}" for c in cells))
+    entries = data["train"] + data["decode"]
+    for m, key in sorted({(e["model"], k) for e in entries for k in e.get("memory_kernel_failures", {})}):
+        lines.append(f"WARNING {m}: the fused memory kernel failed for {key}; that scan ran the PyTorch chunk loop")
     lines.append("\nRatios and targets (issue 'Speed and memory')")
     for r in data["summary"]["rows"]:
         v = "n/a" if r["value"] is None else f"{r['value']:.3f}"

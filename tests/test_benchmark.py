@@ -364,3 +364,27 @@ def test_tf32_emulation_rounds_the_scan_products(monkeypatch, tmp_path):
         for group in ("outputs", "outputs_and_states", "gradients"):
             assert row["fp32"][group] < 1e-5 and 1e-5 < row["tf32"][group] < 1e-2, (group, row)
     assert script.mt._scan_forward.__name__ == "_scan_forward"  # the tf32 wrapper is gone after the run
+
+
+def test_memory_kernel_fallbacks_are_recorded_and_flagged(tmp_path, monkeypatch):
+    """Under TITANS_MEMORY_KERNEL=auto a fused kernel that fails to compile only warns and runs the PyTorch chunk loop,
+    which is many times slower: each result then names the failed configurations, and the tables say so."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    import benchmark
+
+    import modeling_titans
+
+    monkeypatch.setattr(modeling_titans, "_TRITON_FAILED", {})  # whatever other tests left there
+    assert benchmark.memory_kernel_failures() == {}
+    key = (False, 2, 64, 128, 64, "silu", True, "cuda:0")
+    modeling_titans._TRITON_FAILED[key] = "OutOfResources('shared memory')"
+    assert benchmark.memory_kernel_failures() == {str(key): "OutOfResources('shared memory')"}
+    data = json.loads(open(os.path.join(ROOT, "results", "benchmark_gpu_h200_c65167b_kernel.json")).read())
+    (mag,) = [e for e in data["train"] if e["model"] == "mag" and e["length"] == 4096]
+    mag["memory_kernel_failures"] = benchmark.memory_kernel_failures()
+    (tmp_path / "fell_back.json").write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, SCRIPT, "--replot", str(tmp_path / "fell_back.json"), "--plot",
+                           str(tmp_path / "fell_back.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("WARNING")]
+    assert warnings == [f"WARNING mag: the fused memory kernel failed for {key}; that scan ran the PyTorch chunk loop"]
