@@ -981,6 +981,20 @@ def _triton_block(depth: int, E: int) -> int | None:
     return block if depth == 2 and block is not None and block < E else None
 
 
+def _triton_constants(depth: int, D: int, E: int, chunk_size: int, activation: str, has_init: bool,
+                      precision: str | None = None) -> dict:
+    """The scan kernels' constexprs: DEPTH for `_tk_scan_fwd` / `_tk_scan_bwd`, or the block EB when the blocked
+    depth-2 kernels run (`_triton_block`)."""
+    constants = dict(D=D, E=E, C=chunk_size, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(has_init),
+                     PREC=precision or _TRITON_PRECISION)  # fmt: skip
+    block = _triton_block(depth, E)
+    if block is None:
+        constants["DEPTH"] = depth
+    else:
+        constants["EB"] = block
+    return constants
+
+
 def _memory_kernel_mode() -> str:
     """TITANS_MEMORY_KERNEL: `auto` (default: the fused Triton kernels below on CUDA tensors, the eager PyTorch scan
     otherwise), `torch` (always the eager PyTorch scan), `compile` (the PyTorch scan with each chunk's forward and
@@ -1700,14 +1714,13 @@ def _triton_scan_forward(weights, momentum, initial, sequence, chunk_size, activ
     i_args = _triton_args(depth, init, q)
     pointers = (q, k, v, g, n_last, beta, f, m, w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1], out)
     sizes = (n_chunks, H, slots, B * H)
-    common = dict(D=D, E=E, C=chunk_size, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
-                  PREC=_TRITON_PRECISION, num_warps=_triton_warps(E), num_stages=1)  # fmt: skip
-    block = _triton_block(depth, E)
-    if block is None:
-        _tk_scan_fwd[(B * H,)](*pointers, *sizes, DEPTH=depth, **common)
+    constants = _triton_constants(depth, D, E, chunk_size, activation, bool(initial))
+    launch = dict(num_warps=_triton_warps(E), num_stages=1)
+    if "EB" not in constants:
+        _tk_scan_fwd[(B * H,)](*pointers, *sizes, **constants, **launch)
     else:  # scratch per program: layer 0's retrieval scores (C x C)
         scores = q.new_empty(B * H, chunk_size, chunk_size)
-        _tk_scan_fwd_blocked[(B * H,)](*pointers, scores, *sizes, EB=block, **common)
+        _tk_scan_fwd_blocked[(B * H,)](*pointers, scores, *sizes, **constants, **launch)
     last = n_chunks % slots
     final_w = tuple(b[last].clone() for b in states_w)
     final_s = tuple(b[last].clone() for b in states_s)
@@ -1738,14 +1751,13 @@ def _triton_scan_backward(boundaries, initial, sequence, grad_out, grad_w, grad_
     grad_out = q.new_zeros(()).expand_as(q).contiguous() if grad_out is None else grad_out.contiguous()
     args = (q, k, v, g, n_last, beta, f, m, w_args[0], s_args[0], i_args[0], w_args[1], s_args[1], i_args[1],
             grad_out, dw_args[0], ds_args[0], dw_args[1], ds_args[1], di_args[0], di_args[1], *grads)  # fmt: skip
-    common = dict(D=D, E=E, C=chunk_size, ACT=_TRITON_ACTIVATIONS[activation], HAS_INIT=bool(initial),
-                  PREC=_TRITON_PRECISION, num_warps=_triton_warps(E), num_stages=1)  # fmt: skip
-    block = _triton_block(depth, E)
-    if block is None:
-        _tk_scan_bwd[(B * H,)](*args, n_chunks, H, B * H, DEPTH=depth, **common)
+    constants = _triton_constants(depth, D, E, chunk_size, activation, bool(initial))
+    launch = dict(num_warps=_triton_warps(E), num_stages=1)
+    if "EB" not in constants:
+        _tk_scan_bwd[(B * H,)](*args, n_chunks, H, B * H, **constants, **launch)
     else:  # scratch per program: the z_0 gradients parked between passes 3 and 4 (C x E), then two C x C tiles
         parked = q.new_empty(B * H, chunk_size * (E + 2 * chunk_size))
-        _tk_scan_bwd_blocked[(B * H,)](*args, parked, n_chunks, H, B * H, EB=block, **common)
+        _tk_scan_bwd_blocked[(B * H,)](*args, parked, n_chunks, H, B * H, **constants, **launch)
     grad_initial = tuple(t.sum(0, keepdim=True) for t in grad_init) if initial else ()
     return tuple(t[0] for t in scratch_w), tuple(t[0] for t in scratch_s), grad_initial, grads
 

@@ -19,8 +19,9 @@ attention model), `llama` (LlamaForCausalLM of the same size, sdpa; flash-attent
 Every measurement (model x length, model x context) runs in its own fresh subprocess, so its peak RSS is its own;
 every figure is a median over timed steps after warm-up; all raw step times, the load average before/after each
 measurement, machine info and versions go to the JSON (and, on CUDA, the fused memory kernel configurations that
-failed and fell back to the PyTorch scan: `memory_kernel_failures`, also printed as a WARNING). A plot (tokens/s and peak RSS vs length, decode bars) and a
-table of ratios with pass/fail against the targets of the "Speed and memory" issue are written/printed at the end.
+failed and fell back to the PyTorch scan: `memory_kernel_failures`, also printed as a WARNING). A plot (tokens/s and
+peak RSS vs length, decode bars) and a table of ratios with pass/fail against the targets of the "Speed and memory"
+issue are written/printed at the end.
 
     .venv/bin/python scripts/benchmark.py --output results/benchmark.json          # full run (CPU: ~1 h, 2 cores)
     .venv/bin/python scripts/benchmark.py --quick --output /tmp/bench.json         # seconds; CI

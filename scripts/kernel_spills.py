@@ -86,15 +86,14 @@ def main(argv=None):
         parser.error("needs triton")
     E = args.e if args.depth == 2 else args.d
     warps = args.num_warps or mt._triton_warps(E)
-    constants = dict(D=args.d, E=E, C=args.chunk, ACT=mt._TRITON_ACTIVATIONS[args.activation],
-                     HAS_INIT=not args.no_init, PREC=args.precision)  # fmt: skip
-    if args.block is not None:
-        if args.depth != 2 or not 16 <= args.block < E:
-            parser.error("--block needs depth 2 and 16 <= block < E")
-        constants["EB"] = args.block
+    if args.block is not None and (args.depth != 2 or not 16 <= args.block < E):
+        parser.error("--block needs depth 2 and 16 <= block < E")
+    mt._TRITON_BLOCK = None if args.block is None else str(args.block)  # as TITANS_MEMORY_KERNEL_BLOCK would
+    constants = mt._triton_constants(args.depth, args.d, E, args.chunk, args.activation, not args.no_init,
+                                     args.precision)  # fmt: skip
+    if "EB" in constants:
         kernels = {"fwd": mt._tk_scan_fwd_blocked, "bwd": mt._tk_scan_bwd_blocked}
     else:
-        constants["DEPTH"] = args.depth
         kernels = {"fwd": mt._tk_scan_fwd, "bwd": mt._tk_scan_bwd}
     for name in args.kernel:
         kernel = kernels[name]
