@@ -1,7 +1,7 @@
 # Copyright 2026 The Titans-HF authors. Apache-2.0.
 """Train (or fine-tune) a Titans causal LM with the 🤗 `Trainer`.
 
-Every `TrainingArguments` flag works (`--bf16`, `--fp16`, `--gradient_checkpointing`, `--report_to`, `--save_steps`,
+Every `TrainingArguments` flag works (`--bf16`, `--fp16`, `--activation_checkpointing`, `--report_to`, `--save_steps`,
 `--resume_from_checkpoint`, ...); the model and data flags are listed by `--help`.
 
 Main job (2 CPU cores, 4-7 min): a small MAG Titans on the Python standard library, then eval, a sample, save and a

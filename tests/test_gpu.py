@@ -74,6 +74,21 @@ def test_cuda_training_step_matches_cpu(variant):
         torch.testing.assert_close(g, c, atol=1e-4, rtol=1e-3)
 
 
+def test_cuda_activation_checkpointing_with_offload_gives_the_same_gradients():
+    """`activation_checkpointing_enable(offload=True)` keeps the saved inputs in pinned host memory (Transformers 5.23;
+    on a CPU-only machine it refuses to pin): the same loss and gradients as without checkpointing."""
+    if not torch.cuda.is_available():
+        pytest.skip("pinned host memory needs an accelerator (dry run on the CPU)")
+    ids = torch.randint(2, 64, (2, 45), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    model = tiny_model("mac", scale=0.1).train().to(CUDA)
+    plain = _loss_and_grads(model, ids)
+    model.activation_checkpointing_enable(offload=True)
+    offloaded = _loss_and_grads(model, ids)
+    torch.testing.assert_close(offloaded[0], plain[0], atol=1e-6, rtol=0)
+    for g, c in zip(offloaded[1], plain[1]):
+        torch.testing.assert_close(g, c, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("prompt_len", [3, 35])
 def test_cuda_greedy_generate_with_and_without_cache(variant, prompt_len):
     model = tiny_model(variant).to(CUDA)

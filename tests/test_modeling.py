@@ -225,15 +225,25 @@ def test_flash_attention_is_refused_clearly():
         model(torch.randint(2, 64, (1, 5)))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("every_n_layers", [1, 2])
+def test_activation_checkpointing_gives_the_same_gradients(every_n_layers):
+    """`activation_checkpointing_enable` (Transformers 5.23's name; `every_n_layers` checkpoints layers 0, n, 2n, ...):
+    the checkpointed layers run their forward twice (counted), and the gradients are those without checkpointing."""
     ids = torch.randint(2, 64, (2, 20))
-    grads = []
+    grads, calls = [], []
     for checkpointing in (False, True):
-        model = tiny_model("mac").train()
+        model = tiny_model("mac", num_hidden_layers=3, memory_layers=[0, 1, 2]).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable(every_n_layers=every_n_layers)
+        count = [0] * len(model.model.layers)
+        for i, layer in enumerate(model.model.layers):
+            # (on a sublayer: the recomputation calls the layer's forward under its own __call__'s checkpoint)
+            layer.mlp.register_forward_pre_hook(lambda module, args, i=i: count.__setitem__(i, count[i] + 1))
         model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        calls.append(count)
+    assert calls[0] == [1, 1, 1]
+    assert calls[1] == [2 if i % every_n_layers == 0 else 1 for i in range(3)], calls[1]
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
