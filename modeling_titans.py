@@ -617,6 +617,12 @@ def _chunks(sequence, chunk_size, canonical=False):
     return pieces
 
 
+def _holds_everywhere(condition: torch.Tensor) -> bool:
+    """bool(condition.all()), to take a cheaper special case (no padding, rows at the same phase) in eager mode. Traced
+    by torch.compile it is False: the general path, rather than a host read that would cut the graph in two."""
+    return not torch.compiler.is_compiling() and bool(condition.all())
+
+
 def _select(select_chunk, c, new, old):
     """Rows whose state is the one after `c` chunks take `new`."""
     take = select_chunk == c
@@ -2127,7 +2133,7 @@ class TitansNeuralMemory(nn.Module):
         """
         bsz, seq_len, _ = x.shape
         b = self.chunk_size
-        if state is not None and seq_len == 1 and (valid is None or bool(valid.all())):
+        if state is not None and seq_len == 1 and (valid is None or _holds_everywhere(valid)):
             return self._decode_step(x, state)
         fast = valid is None and state is None and not return_state
         if fast:
@@ -2136,7 +2142,7 @@ class TitansNeuralMemory(nn.Module):
             if valid is None:
                 valid = torch.ones(bsz, seq_len, dtype=torch.bool, device=x.device)
             # rows without padding need no compaction (the common case, e.g. MAC segments in training)
-            xc, perm = (x, None) if bool(valid.all()) else _compact(x, valid)
+            xc, perm = (x, None) if _holds_everywhere(valid) else _compact(x, valid)
             count = valid.sum(1)
             if state is None:
                 state = self.initial_state(bsz, x.device, x.dtype)
@@ -2151,7 +2157,7 @@ class TitansNeuralMemory(nn.Module):
         else:
             # [buffered tokens of the open chunk | new real tokens], per row shifted so both are contiguous
             buffer_len = state.buffer_length
-            if bool((buffer_len == buffer_len[0]).all()):  # same phase in every row: plain concatenation
+            if _holds_everywhere(buffer_len == buffer_len[0]):  # same phase in every row: plain concatenation
                 n = int(buffer_len[0])
                 def join(old, new):
                     return new if n == 0 else torch.cat([old[:, :, :n], new], dim=2)
@@ -2167,7 +2173,8 @@ class TitansNeuralMemory(nn.Module):
             select = total // b
 
         # pad to whole chunks with neutral tokens (θ = 0, η = 1, α = 0): they never precede a real token
-        length = q.shape[2] if total is None else max(int(total.max()), 1)
+        # (traced: every slot, the rows' ends being masked below; eager: up to the longest row)
+        length = q.shape[2] if total is None or torch.compiler.is_compiling() else max(int(total.max()), 1)
         padded = -(-length // b) * b
         if length < q.shape[2]:  # (a full-length slice would still cost a zero-filled gradient in the backward)
             q, k, v, gates = (t[:, :, :length] for t in (q, k, v, gates))
@@ -2176,7 +2183,7 @@ class TitansNeuralMemory(nn.Module):
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
             gates = F.pad(gates, (0, 0, 0, pad))
         # every row ends where the padded sequence does (e.g. MAC segments in training): nothing to mask or select
-        whole_chunks = not fast and bool((total == padded).all())
+        whole_chunks = not fast and _holds_everywhere(total == padded)
         if not fast and not whole_chunks:  # neutralise everything past each row's real tokens
             beyond = torch.arange(padded, device=x.device)[None, None, :, None] >= total[:, None, None, None]
             gates = gates.masked_fill(beyond, 0.0)
@@ -2191,7 +2198,7 @@ class TitansNeuralMemory(nn.Module):
             return _position_wise(self._output, out.transpose(1, 2), x), None
 
         # outputs of the new tokens back to their original slots
-        if padded >= seq_len and bool((offset == 0).all()):
+        if padded >= seq_len and _holds_everywhere(offset == 0):
             out = out[:, :, :seq_len].transpose(1, 2)  # (B, T, H, d), compacted order
         else:
             index = (offset[:, None] + torch.arange(seq_len, device=x.device)[None]).clamp(max=padded - 1)
@@ -2212,7 +2219,7 @@ class TitansNeuralMemory(nn.Module):
             buffer_k, buffer_v, buffer_gates = take(k), take(v), take(gates)
         if conv_in is None:
             conv = state.conv
-        elif bool((count == count[0]).all()):
+        elif _holds_everywhere(count == count[0]):
             conv = conv_in[:, int(count[0]) : int(count[0]) + self.conv_size - 1].clone()  # not a view: see above
         else:
             conv = _gather_time(conv_in, count[:, None] + torch.arange(self.conv_size - 1, device=x.device)[None])
@@ -2467,8 +2474,7 @@ class TitansAttention(nn.Module):
         whole_segment = (
             self.segment_local
             and q_len == self.window
-            and not torch.compiler.is_compiling()
-            and bool(((positions[:, 0] >= 0) & (positions[:, 0] % self.window == 0)).all())
+            and _holds_everywhere((positions[:, 0] >= 0) & (positions[:, 0] % self.window == 0))
         )
         if layer_cache is not None and layer_cache.keys is not None and not whole_segment:
             num_cached = layer_cache.keys.shape[2]
@@ -2491,13 +2497,12 @@ class TitansAttention(nn.Module):
         one_token = (
             q_len == 1
             and self.config._attn_implementation in ("sdpa", "eager")
-            and not torch.compiler.is_compiling()
-            and bool((kv_pos >= 0).all())
+            and _holds_everywhere(kv_pos >= 0)
         )
         seen = None  # MAC, every row at the same phase: the segment's keys so far, the same number in every row
         if self.segment_local and one_token:
             phase = positions[:, 0] % self.window
-            seen = int(phase[0]) + 1 if bool((phase == phase[0]).all()) else None
+            seen = int(phase[0]) + 1 if _holds_everywhere(phase == phase[0]) else None
         if seen is not None:  # MAC: the segment's keys so far, and its retrieved tokens within the lookback
             lookback = min(seen, self.config.num_memory_tokens or seen)
             mask = None
@@ -2875,14 +2880,21 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         state = scratch.memory or self.memory.initial_state(x.shape[0], x.device, x.dtype)
         segment_weights = scratch.segment_weights or state.weights
         closes = real & (positions % segment == segment - 1)
+        # no padding and no cache: positions 0..T-1 in every row, so the cuts are known without a host read (one graph
+        # under torch.compile), and every slice starts a segment: segment-local attention (the default) sees no earlier
+        # key there and needs no cache (`mac_attention="sliding"` sees the window-1 keys before, from the scratch cache)
+        aligned = valid is None and layer_cache is None
         if x.shape[1] == 1:  # one token (decoding): one slice, no host sync
             cuts = [1]
+        elif aligned:
+            cuts = [*range(segment, x.shape[1], segment), x.shape[1]]
         else:
             cuts = sorted({int(i) + 1 for i in closes.any(0).nonzero().flatten().tolist()} | {x.shape[1]})
         # one split per input rather than a slice per segment: each slice's backward adds a zero-filled gradient of
         # the whole input, which made the backward quadratic in the number of segments
         sizes = [end - start for start, end in zip([0, *cuts[:-1]], cuts)]
         split = lambda t: t.split(sizes, dim=1)  # noqa: E731
+        attention_cache = None if aligned and self.self_attn.segment_local else scratch
         valids = split(valid) if valid is not None else [None] * len(sizes)
         # the read-out's query and gate projections depend on x alone: one product each for all segments, not two
         # small ones per segment (and two more in the backward's recompute)
@@ -2897,7 +2909,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
                 context = checkpoint(self.memory.read, q, g, segment_weights, use_reentrant=False)
             else:
                 context = self.memory.read(q, g, segment_weights)
-            y, _ = self.self_attn(xs, (cos, sin), pos, scratch, context=context)
+            y, _ = self.self_attn(xs, (cos, sin), pos, attention_cache, context=context)
             memory_out, state = self.memory(y, valid_s, state, return_state=True)
             outputs.append(self._gate(y, memory_out))
             segment_weights = _select(close.any(1), True, state.weights, segment_weights)
@@ -3088,10 +3100,15 @@ class TitansModel(TitansPreTrainedModel):
         if input_ids is not None:
             if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
                 raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
+            vocab = self.config.vocab_size
+            if torch.compiler.is_compiling():  # a host read would cut the compiled graph in two: the same check as an
+                # assertion inside the graph (on CUDA a device-side assert, which stops the process, as Llama's would)
+                in_range = ((input_ids >= 0) & (input_ids < vocab)).all()
+                torch._assert_async(in_range, f"input_ids contains a token id outside the vocabulary [0, {vocab}).")
+            elif input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+                bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
                 raise ValueError(
-                    f"input_ids contains token id {int(bad[0])}, outside the vocabulary [0, {self.config.vocab_size})."
+                    f"input_ids contains token id {int(bad[0])}, outside the vocabulary [0, {vocab})."
                 )
             inputs_embeds = self.embed_tokens(input_ids)
         else:
@@ -3133,13 +3150,15 @@ class TitansModel(TitansPreTrainedModel):
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != bsz:
                 raise ValueError(f"attention_mask must be a 2D (batch, length) padding mask, got {tuple(attention_mask.shape)}")
-            if attention_mask.shape[1] not in (seq_len, seen + seq_len):
+            # (two comparisons, not `in`: traced with dynamic shapes, torch 2.13's dynamo evaluated `size in (a, b)` as
+            # False for a size equal to b, and refused a right mask)
+            if attention_mask.shape[1] != seq_len and attention_mask.shape[1] != seen + seq_len:
                 raise ValueError(
                     f"attention_mask has length {attention_mask.shape[1]}, expected {seq_len} (new tokens) or "
                     f"{seen + seq_len} (cached + new)."
                 )
             new_mask = attention_mask[:, -seq_len:].bool()
-            if not bool(new_mask.all()):
+            if not _holds_everywhere(new_mask):  # (traced, a mask is taken as padding: no host read)
                 padding = ~new_mask
         valid = torch.ones(bsz, seq_len, dtype=torch.bool, device=inputs_embeds.device) if padding is None else ~padding
         before = (

@@ -43,7 +43,7 @@ def test_training_path_equals_streaming_path(variant):
     torch.testing.assert_close(training, streaming, atol=1e-5, rtol=0)
 
 
-def _compiled_matches_eager(variant, backend, length, **overrides):
+def _compiled_matches_eager(variant, backend, length, fullgraph=False, **overrides):
     # Short inputs keep the compile short; the scan itself is one operator of the graph at any length
     model = tiny_model(variant, **overrides).train()
     ids = torch.randint(2, 64, (2, length))
@@ -51,7 +51,7 @@ def _compiled_matches_eager(variant, backend, length, **overrides):
     eager.loss.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    compiled = torch.compile(model, backend=backend)(ids, labels=ids)
+    compiled = torch.compile(model, backend=backend, fullgraph=fullgraph)(ids, labels=ids)
     compiled.loss.backward()
     torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-4, rtol=0)
     for p, g in zip(model.parameters(), eager_grads):
@@ -60,11 +60,57 @@ def _compiled_matches_eager(variant, backend, length, **overrides):
 
 @pytest.mark.parametrize("variant", ["mag", "mac"])
 def test_torch_compile_training_step_matches_eager(variant):
-    """Dynamo + AOTAutograd trace the memory around its scan operator and that operator's registered backward."""
+    """Dynamo + AOTAutograd trace the memory around its scan operator and that operator's registered backward, as one
+    graph (fullgraph: no host read anywhere in the step; MAC's segment cuts are known from the length alone)."""
     torch._dynamo.reset()
-    # MAG: two whole memory chunks and a partial one, past the attention window. MAC: two whole segments (a partial
-    # one adds graph breaks: 40 graphs instead of 30)
-    _compiled_matches_eager(variant, "aot_eager", length=10 if variant == "mag" else 16)
+    # MAG: two whole memory chunks and a partial one, past the attention window. MAC: two whole segments
+    _compiled_matches_eager(variant, "aot_eager", length=10 if variant == "mag" else 16, fullgraph=True)
+
+
+def test_whole_model_traces_as_one_graph_with_padding_and_caches():
+    """torch.compile(model, fullgraph=True), which refuses any graph break (MAG; MAL and LMM take the same paths; MAC
+    cuts its segments where the positions say, which is data-dependent): training on an all-ones-masked and a
+    left-padded batch (unmasked: test_torch_compile_training_step_matches_eager), and a cache continued from a padded
+    prefill. Traced, the model takes its general paths where eager mode reads the host to pick a special case (a mask
+    is taken as padding, the cached open chunk is joined by a gather, the memory runs over every slot); they must give
+    what eager gives. The vocabulary check becomes an assertion in the graph: still a clear error. backend="aot_eager"
+    runs the captured graph op by op: what is tested is the tracing (inductor: test_inductor_training_step_matches_eager)."""
+    torch._dynamo.reset()
+    model = tiny_model("mag", scale=0.1, num_hidden_layers=1, memory_layers=[0]).train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(2, 64, (2, 21), generator=torch.Generator().manual_seed(8))
+    padded = torch.ones_like(ids)
+    padded[1, :6] = 0
+    for mask in (torch.ones_like(ids), padded):  # (one graph: traced, a mask is always taken as padding)
+        results = []
+        for run in (model, compiled):
+            out = run(ids, attention_mask=mask, labels=ids)
+            out.loss.backward()
+            results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
+            model.zero_grad()
+        (eager_logits, eager_grads), (traced_logits, traced_grads) = results
+        torch.testing.assert_close(traced_logits, eager_logits, atol=1e-5, rtol=0)
+        for t, e in zip(traced_grads, eager_grads):
+            torch.testing.assert_close(t, e, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match=r"outside the vocabulary \[0, 64\)"):
+        compiled(ids.masked_fill(ids == ids[0, 3], 64), attention_mask=padded, labels=ids)
+
+    model.eval()
+    with torch.no_grad():
+        caches = [TitansCache(model.config), TitansCache(model.config)]
+        for cache in caches:  # the open chunk at a different phase in each row
+            model(ids[:, :13], attention_mask=padded[:, :13], past_key_values=cache, use_cache=True)
+        eager = model(ids[:, 13:], attention_mask=padded, past_key_values=caches[0], use_cache=True).logits
+        traced = compiled(ids[:, 13:], attention_mask=padded, past_key_values=caches[1], use_cache=True).logits
+    torch.testing.assert_close(traced, eager, atol=1e-5, rtol=0)
+    want, got = caches[0].layers[0].memory.tensors(), caches[1].layers[0].memory.tensors()
+    assert got.keys() == want.keys()
+    real = torch.arange(model.config.memory_chunk_size)[None, None, :, None] < want["buffer_length"][:, None, None, None]
+    for name in want:
+        g, w = got[name], want[name]
+        if name in ("buffer_k", "buffer_v", "buffer_gates"):  # slots past a row's length are never read
+            g, w = g * real, w * real
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0, msg=name)
 
 
 @pytest.mark.slow
