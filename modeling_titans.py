@@ -2190,7 +2190,7 @@ class TitansNeuralMemory(nn.Module):
         initial = self._initial_weights()
         out, new_w, new_s = memory_scan(
             weights, momentum, q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], b, self.activation,
-            None if fast or whole_chunks else select, initial,
+            None if fast or whole_chunks or not return_state else select, initial,
         )  # fmt: skip
 
         if fast:
@@ -2206,6 +2206,8 @@ class TitansNeuralMemory(nn.Module):
         if perm is not None:
             out = _gather_time(out, torch.argsort(perm, dim=1))
         result = _position_wise(self._output, out, x) * valid[..., None].to(x.dtype)
+        if not return_state:  # (a padded batch without a cache: the outputs only)
+            return result, None
 
         # open chunk of each row -> new buffer; last K-1 real projections -> new conv state. Where every row closes its
         # chunk (buffers empty) or holds the same number of tokens, slices replace the gathers: gather keeps its
