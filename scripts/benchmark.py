@@ -297,8 +297,8 @@ def task_train(model, family, spec, task, emit):
         torch.cuda.reset_peak_memory_stats()
     # --torch-compile: the whole model through torch.compile, as Trainer's `torch_compile=True` does (the first
     # warm-up step pays for the compile)
-    backend = spec.get("torch_compile")
-    forward = torch.compile(model, backend=backend) if backend and family == "hf" else model
+    backend, mode = spec.get("torch_compile"), spec.get("torch_compile_mode")
+    forward = torch.compile(model, backend=backend, mode=mode) if backend and family == "hf" else model
 
     def step():
         sync()
@@ -680,7 +680,7 @@ def run_child(args, model, tasks, dims, max_len, log):
     spec = dict(model=model, tasks=tasks, dims=dims, max_len=max_len, device=args.device, threads=args.threads,
                 attn=args.attn, out=out_path, code_dir=args.code_dir, dtype=args.dtype,
                 titans_attn=args.titans_attn, inference_mode=args.inference_mode,
-                torch_compile=args.torch_compile)  # fmt: skip
+                torch_compile=args.torch_compile, torch_compile_mode=args.torch_compile_mode)  # fmt: skip
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
@@ -978,7 +978,8 @@ def format_tables(data) -> str:
     gpu = plan["device"].startswith("cuda")
     mem = "peak GPU allocated GiB" if gpu else "peak RSS GiB"
     rounds = f", the round with the median of {plan['rounds']}" if plan.get("rounds", 1) > 1 else ""
-    compiled = f", torch.compile(model, backend={plan['torch_compile']!r})" if plan.get("torch_compile") else ""
+    mode = f", mode={plan['torch_compile_mode']!r}" if plan.get("torch_compile_mode") else ""
+    compiled = f", torch.compile(model, backend={plan['torch_compile']!r}{mode})" if plan.get("torch_compile") else ""
     lines.append(f"\nTraining (batch {plan['batch']}, {plan.get('dtype', 'float32')}{compiled}): tokens/s | {mem}   "
                  f"[median of timed steps{rounds}]")
     head = f"{'model':<15}{'params':>10}" + "".join(f"{L:>20}" for L in plan["lengths"])
@@ -1154,6 +1155,10 @@ def parse_args(argv=None):
                    help="train Titans and Llama through torch.compile(model, backend=BACKEND) (default inductor), as "
                         "Trainer's torch_compile=True does; the memory scan is one operator of the compiled graph. The "
                         "first warm-up step compiles")
+    p.add_argument("--torch-compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="inductor's mode for --torch-compile (Trainer's torch_compile_mode): reduce-overhead replays "
+                        "each step as CUDA graphs on a GPU, which needs the step to be one graph without host reads")
     p.add_argument("--flops", action="store_true",
                    help="also count the floating-point operations of one training step per point (matmuls and "
                         "attention, torch.utils.flop_counter, the memory's PyTorch scan), and report the achieved "
@@ -1191,6 +1196,8 @@ def parse_args(argv=None):
         p.error(f"--rounds {args.rounds}: expected a positive number of rounds")
     if args.torch_compile and args.flops:  # the count would run the compiled step, whose kernels it cannot see
         p.error("--flops counts the eager step: run it without --torch-compile")
+    if args.torch_compile_mode and args.torch_compile != "inductor":  # (other backends ignore a mode silently)
+        p.error(f"--torch-compile-mode is inductor's: use it with --torch-compile (inductor), not {args.torch_compile!r}")
     return args
 
 
@@ -1281,6 +1288,7 @@ def main(argv=None) -> int:
                      max_position_embeddings=max_len, dtype=args.dtype,
                      titans_attn=args.titans_attn, inference_mode=args.inference_mode, rounds=args.rounds, flops=args.flops,
                      memory_kernel=os.environ.get("TITANS_MEMORY_KERNEL", "auto"), torch_compile=args.torch_compile,
+                     torch_compile_mode=args.torch_compile_mode,
                      # every TITANS_* setting the workers inherit (kernel block, precision, warps, heap trimming)
                      titans_environment={k: v for k, v in sorted(os.environ.items()) if k.startswith("TITANS_")}),  # fmt: skip
         "method": {

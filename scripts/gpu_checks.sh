@@ -25,6 +25,9 @@
 #   tcompile  (only when named) the kernel benchmark with every model through torch.compile(model) (--torch-compile):
 #             inductor fuses the elementwise work around the memory scan, which stays one operator (the fused Triton
 #             kernels), for $TCOMPILE_MODELS at $TCOMPILE_LENGTHS
+#   cgraph    (only when named) `tcompile` at the anchor width with --torch-compile-mode reduce-overhead: each step
+#             replayed as CUDA graphs (the step is one graph since 16fd9f8; 3 warm-up steps: compile, warm-up run,
+#             recording), for $CGRAPH_MODELS at $CGRAPH_LENGTHS
 #   fsdp      FSDP2 through Trainer (torchrun, --fsdp, --bf16) for a few steps
 #   compile   the slow tests of tests/test_gpu.py (torch.compile / inductor on CUDA)
 #   decode    (only when named) cached decoding at contexts 128 and 8192 with TITANS_MEMORY_KERNEL=compile (one
@@ -129,6 +132,11 @@ stage chunkc ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=compile $PY scripts/be
 stage tcompile ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${LARGE_ARGS[@]}" \
     --models "${TCOMPILE_MODELS:-llama,swa,mag}" --lengths "${TCOMPILE_LENGTHS:-4096}" --torch-compile \
     --note "${BENCH_NOTE:-gpu_checks.sh} torch.compile(model), fused memory kernels" --output "$OUT/benchmark_gpu_tcompile.json"
+stage cgraph ${BENCH_LIMIT:-300} env TITANS_MEMORY_KERNEL=auto $PY scripts/benchmark.py "${LARGE_ARGS[@]}" \
+    --models "${CGRAPH_MODELS:-llama,swa,mag}" --lengths "${CGRAPH_LENGTHS:-4096}" --torch-compile \
+    --torch-compile-mode reduce-overhead --warmup 3 \
+    --note "${BENCH_NOTE:-gpu_checks.sh} torch.compile(model, mode='reduce-overhead'), fused memory kernels" \
+    --output "$OUT/benchmark_gpu_cgraph.json"
 stage fsdp 100 env TITANS_RANK_LOG_DIR="$LOGS" torchrun --nproc_per_node 1 scripts/train.py --output_dir /tmp/titans-fsdp \
     --fsdp --bf16 --max_steps 12 --logging_steps 4 --eval_strategy no \
     --stdlib_max_bytes 1000000 --block_size 256 --per_device_train_batch_size 8 --max_new_tokens 0 \

@@ -111,6 +111,9 @@ def test_benchmark_trains_through_torch_compile(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--torch-compile", "--flops"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "--flops counts the eager step" in proc.stderr
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--torch-compile", "aot_eager", "--torch-compile-mode",
+                           "reduce-overhead"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "--torch-compile-mode is inductor's" in proc.stderr
 
 
 def test_benchmark_skips_and_records_failures(tmp_path):
