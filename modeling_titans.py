@@ -2136,6 +2136,7 @@ class TitansNeuralMemory(nn.Module):
         if state is not None and seq_len == 1 and (valid is None or _holds_everywhere(valid)):
             return self._decode_step(x, state)
         fast = valid is None and state is None and not return_state
+        fresh = state is None  # no open chunk to continue: known without reading its length (also when traced)
         if fast:
             xc, perm, count = x, None, None
         else:
@@ -2157,8 +2158,8 @@ class TitansNeuralMemory(nn.Module):
         else:
             # [buffered tokens of the open chunk | new real tokens], per row shifted so both are contiguous
             buffer_len = state.buffer_length
-            if _holds_everywhere(buffer_len == buffer_len[0]):  # same phase in every row: plain concatenation
-                n = int(buffer_len[0])
+            if fresh or _holds_everywhere(buffer_len == buffer_len[0]):  # same phase in every row: concatenation
+                n = 0 if fresh else int(buffer_len[0])
                 def join(old, new):
                     return new if n == 0 else torch.cat([old[:, :, :n], new], dim=2)
             else:
@@ -2198,7 +2199,7 @@ class TitansNeuralMemory(nn.Module):
             return _position_wise(self._output, out.transpose(1, 2), x), None
 
         # outputs of the new tokens back to their original slots
-        if padded >= seq_len and _holds_everywhere(offset == 0):
+        if padded >= seq_len and (fresh or _holds_everywhere(offset == 0)):
             out = out[:, :, :seq_len].transpose(1, 2)  # (B, T, H, d), compacted order
         else:
             index = (offset[:, None] + torch.arange(seq_len, device=x.device)[None]).clamp(max=padded - 1)
