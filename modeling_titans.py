@@ -566,6 +566,9 @@ def memory_scan(
     torch.compile, the scan is one operator of the graph (`_MEMORY_SCAN_OP`) that does the same.
     """
     initial = tuple(initial) if initial is not None else ()
+    # gates arrive as strided views (of the stacked gates, cut to the real length): made dense, the time axis splits
+    # into chunks without a copy, and the compiled coefficients see one layout (each stride pattern was a compile)
+    lr, log_eta, log_keep = (t.contiguous() for t in (lr, log_eta, log_keep))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (lr, log_eta, log_keep)):
         # b×b coefficients of every chunk: cheap to recompute in the backward, large to store
         coefficients = checkpoint(
@@ -1848,7 +1851,10 @@ def memory_gates(lr_logit, forget_logit, eta_logit, bias, max_lr, dtype):
         lr = lr * torch.sigmoid(-eta_logit)
     else:  # η = 0 (ablation): a large negative log keeps the closed form finite and exact
         log_eta = torch.full_like(lr, -1e4)
-    return torch.stack([lr, log_eta, log_keep], dim=-1).transpose(1, 2)
+    # stacked straight into (B, H, T, 3): one layout whether or not a cache's open chunk is joined in front (a
+    # transposed view here and a concatenation there were two stride patterns, so two compiles of the coefficients
+    # under TITANS_MEMORY_KERNEL=compile), and each gate's time axis then splits into chunks without a copy
+    return torch.stack([t.transpose(1, 2) for t in (lr, log_eta, log_keep)], dim=-1)
 
 
 def memory_output_gate(y, g, norm_weight, eps):
@@ -2070,7 +2076,10 @@ class TitansNeuralMemory(nn.Module):
         current_w, current_s = self._current(state)
         update, buffers = type(self)._decode_update, (state.buffer_k, state.buffer_v, state.buffer_gates)
         conv = state.conv
-        if _use_compiled_memory():  # prefill leaves the buffers and conv state as strided slices: one layout, one graph
+        # compiled for generation only: in training, one-token calls are rare (MAC slices of a padded batch) and a
+        # graph with autograd would be a second compile and a compiled backward for them
+        if _use_compiled_memory() and not torch.is_grad_enabled():
+            # prefill leaves the buffers and conv state as strided slices: one layout, one graph
             update, buffers, conv = _compiled_decode_update(), tuple(map(_contiguous, buffers)), _contiguous(conv)
         out, new_w, new_s, closed, *buffers = update(
             self, x, state.weights, current_w, current_s, *buffers, state.buffer_length, conv
