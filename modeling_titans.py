@@ -2488,6 +2488,14 @@ class TitansAttention(nn.Module):
             and q_len == self.window
             and _holds_everywhere((positions[:, 0] >= 0) & (positions[:, 0] % self.window == 0))
         )
+        if layer_cache is not None and layer_cache.keys is not None and layer_cache.keys.dtype != key.dtype:
+            # (joined, the two would be promoted to one dtype and fail in the attention kernel, or silently change
+            # the cache's dtype)
+            raise ValueError(
+                f"This TitansCache holds attention keys in {layer_cache.keys.dtype}, but layer {self.layer_idx} now "
+                f"computes them in {key.dtype}: the model's dtype (or autocast) changed since the cache was filled. "
+                "Continue the cache in the dtype that filled it, or start a new TitansCache."
+            )
         if layer_cache is not None and layer_cache.keys is not None and not whole_segment:
             num_cached = layer_cache.keys.shape[2]
             key = torch.cat([layer_cache.keys, key], dim=2)
@@ -3112,6 +3120,8 @@ class TitansModel(TitansPreTrainedModel):
         if input_ids is not None:
             if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
                 raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
             vocab = self.config.vocab_size
             if torch.compiler.is_compiling():  # a host read would cut the compiled graph in two: the same check as an
                 # assertion inside the graph (on CUDA a device-side assert, which stops the process, as Llama's would)
@@ -3150,6 +3160,17 @@ class TitansModel(TitansPreTrainedModel):
                 "blocks or MAC segments, with no (query, key) matrix per layer. Use output_hidden_states instead."
             )
         bsz, seq_len = inputs_embeds.shape[:2]
+        if seq_len == 0:
+            raise ValueError("The input has no tokens (length 0): pass at least one token per row.")
+        if position_ids is not None and (  # (comparisons, not `in`: see the attention_mask check below)
+            position_ids.dim() != 2
+            or (position_ids.shape[0] != 1 and position_ids.shape[0] != bsz)
+            or position_ids.shape[1] != seq_len
+        ):
+            raise ValueError(
+                f"position_ids must be (batch, length) = ({bsz}, {seq_len}) or (1, {seq_len}), got "
+                f"{tuple(position_ids.shape)}."
+            )
         cache = self._check_cache(past_key_values, bsz)
         if use_cache and cache is None:
             cache = TitansCache(self.config)
@@ -3287,6 +3308,10 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, slice_indices, :])
         loss = None
         if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(
+                    f"labels must be (batch, length) like the logits, {tuple(logits.shape[:2])}, got {tuple(labels.shape)}."
+                )
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states

@@ -1,6 +1,7 @@
 """TitansCache: cached generation is exactly uncached generation, in every generate() mode, with bounded state."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -256,6 +257,22 @@ def test_cache_from_another_config_or_batch_is_rejected(tmp_path):
     wide = tiny_model("mag", memory_head_dim=16)
     with pytest.raises(ValueError, match="memory_head_dim"):
         TitansCache.from_snapshot(str(tmp_path / "m.safetensors"), wide.config)
+
+
+@pytest.mark.parametrize("variant", ["mag", "mac", "mal"])
+def test_cache_in_another_dtype_is_rejected(variant):
+    """A cache filled in one dtype and continued in another would join keys of two dtypes: promoted, they failed in
+    the attention kernel (float32 cache, bfloat16 model) or silently turned the cache's dtype. Refused by name, and
+    continuing in the dtype that filled the cache still works."""
+    model = tiny_model(variant)
+    half = tiny_model(variant).to(torch.bfloat16)
+    for filler, other in ((model, half), (half, model)):
+        with torch.no_grad():
+            cache = filler(_prompt(9), use_cache=True).past_key_values
+            want = f"holds attention keys in {filler.dtype}, but layer 0 now computes them in {other.dtype}"
+            with pytest.raises(ValueError, match=re.escape(want)):
+                other(_prompt(1), past_key_values=cache, use_cache=True)
+            assert filler(_prompt(1), past_key_values=cache, use_cache=True).logits.isfinite().all()
 
 
 @pytest.mark.parametrize("variant", ["mag", "mac"])

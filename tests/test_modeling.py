@@ -387,6 +387,25 @@ def test_bad_attention_mask_shape_raises():
         model(torch.randint(2, 64, (2, 5)), attention_mask=torch.ones(2, 7))
 
 
+def test_bad_shapes_of_ids_positions_and_labels_raise():
+    """Shapes the model cannot read are refused by name, not by an unpacking or broadcasting error deep inside."""
+    model = tiny_model("mag")
+    ids = torch.randint(2, 64, (2, 5))
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\), got shape \(5,\)"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="no tokens"):
+        model(ids[:, :0])
+    for bad in (torch.arange(3)[None], torch.arange(5), torch.arange(5).expand(3, 5)):
+        with pytest.raises(ValueError, match=r"position_ids must be \(batch, length\) = \(2, 5\)"):
+            model(ids, position_ids=bad)
+    with pytest.raises(ValueError, match=r"labels must be \(batch, length\) like the logits, \(2, 5\), got \(2, 4\)"):
+        model(ids, labels=ids[:, :4])
+    with torch.no_grad():  # the accepted forms give the same logits: (1, T) broadcast over the batch, or (B, T)
+        one = model(ids, position_ids=torch.arange(5)[None]).logits
+        torch.testing.assert_close(model(ids, position_ids=torch.arange(5).expand(2, 5)).logits, one)
+        torch.testing.assert_close(model(ids).logits, one)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hidden_states_are_each_layers_output(variant):
     model = tiny_model(variant).eval()
