@@ -566,8 +566,9 @@ def memory_scan(
     torch.compile, the scan is one operator of the graph (`_MEMORY_SCAN_OP`) that does the same.
     """
     initial = tuple(initial) if initial is not None else ()
-    # gates arrive as strided views (of the stacked gates, cut to the real length): made dense, the time axis splits
-    # into chunks without a copy, and the compiled coefficients see one layout (each stride pattern was a compile)
+    # the gates arrive as strided views of several layouts (a transposed stack, a concatenation with a cache's open
+    # chunk, either cut to the real length): made dense, the compiled coefficients see one layout (under
+    # TITANS_MEMORY_KERNEL=compile each stride pattern was one more compile, ~17 s on CPU)
     lr, log_eta, log_keep = (t.contiguous() for t in (lr, log_eta, log_keep))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (lr, log_eta, log_keep)):
         # b×b coefficients of every chunk: cheap to recompute in the backward, large to store
@@ -1851,10 +1852,7 @@ def memory_gates(lr_logit, forget_logit, eta_logit, bias, max_lr, dtype):
         lr = lr * torch.sigmoid(-eta_logit)
     else:  # η = 0 (ablation): a large negative log keeps the closed form finite and exact
         log_eta = torch.full_like(lr, -1e4)
-    # stacked straight into (B, H, T, 3): one layout whether or not a cache's open chunk is joined in front (a
-    # transposed view here and a concatenation there were two stride patterns, so two compiles of the coefficients
-    # under TITANS_MEMORY_KERNEL=compile), and each gate's time axis then splits into chunks without a copy
-    return torch.stack([t.transpose(1, 2) for t in (lr, log_eta, log_keep)], dim=-1)
+    return torch.stack([lr, log_eta, log_keep], dim=-1).transpose(1, 2)
 
 
 def memory_output_gate(y, g, norm_weight, eps):
