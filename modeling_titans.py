@@ -2486,19 +2486,19 @@ class TitansAttention(nn.Module):
             and q_len == self.window
             and _holds_everywhere((positions[:, 0] >= 0) & (positions[:, 0] % self.window == 0))
         )
-        if layer_cache is not None and layer_cache.keys is not None and layer_cache.keys.dtype != key.dtype:
-            # (joined, the two would be promoted to one dtype and fail in the attention kernel, or silently change
-            # the cache's dtype)
-            raise ValueError(
-                f"This TitansCache holds attention keys in {layer_cache.keys.dtype}, but layer {self.layer_idx} now "
-                f"computes them in {key.dtype}: the model's dtype (or autocast) changed since the cache was filled. "
-                "Continue the cache in the dtype that filled it, or start a new TitansCache."
-            )
-        if layer_cache is not None and layer_cache.keys is not None and not whole_segment:
-            num_cached = layer_cache.keys.shape[2]
-            key = torch.cat([layer_cache.keys, key], dim=2)
-            value = torch.cat([layer_cache.values, value], dim=2)
-            kv_pos = torch.cat([layer_cache.positions, positions], dim=1)
+        if layer_cache is not None and layer_cache.keys is not None:
+            if layer_cache.keys.dtype != key.dtype:  # (joined, the two would be promoted to one dtype and fail in the
+                # attention kernel, or silently change the cache's dtype)
+                raise ValueError(
+                    f"This TitansCache holds attention keys in {layer_cache.keys.dtype}, but layer {self.layer_idx} "
+                    f"now computes them in {key.dtype}: the model's dtype (or autocast) changed since the cache was "
+                    "filled. Continue the cache in the dtype that filled it, or start a new TitansCache."
+                )
+            if not whole_segment:
+                num_cached = layer_cache.keys.shape[2]
+                key = torch.cat([layer_cache.keys, key], dim=2)
+                value = torch.cat([layer_cache.values, value], dim=2)
+                kv_pos = torch.cat([layer_cache.positions, positions], dim=1)
 
         keep = self.window - 1  # a query sees itself and at most window-1 earlier tokens
         n_p = 0 if self.persistent_tokens is None else self.persistent_tokens.shape[0]
