@@ -674,11 +674,13 @@ def _compiled_function(fn):
     return torch.compile(fn)
 
 
-def _maybe_compiled(fn):
+def _maybe_compiled(fn, tokens: int | None = None):
     """fn torch.compile'd under `_use_compiled_memory` in training (inductor fuses its elementwise work), else fn.
     Without autograd (a prefill, once per prompt length) the graphs would be compiled again for a gain of a few
-    milliseconds, before the decoding graph's own compile."""
-    return _compiled_function(fn) if _use_compiled_memory() and torch.is_grad_enabled() else fn
+    milliseconds, before the decoding graph's own compile. A call on one token (`tokens`, the input's length) stays
+    eager too: dynamo specialises a length of 1, so MAC's one-token slices of a padded batch compiled each function
+    a third time (forward and backward, about 25 s) for calls that are rare and small."""
+    return _compiled_function(fn) if _use_compiled_memory() and torch.is_grad_enabled() and tokens != 1 else fn
 
 
 def _chunk_functions():
@@ -1980,11 +1982,13 @@ class TitansNeuralMemory(nn.Module):
     def _gates(self, x: torch.Tensor):
         """θ_t, log η_t, log(1 - α_t): per token and head, (B, H, T) in fp32 (Eq. 13-14 made data-dependent)."""
         logits = [None if p is None else p(x) for p in (self.lr_proj, self.forget_proj, self.momentum_proj)]
-        return _maybe_compiled(memory_gates)(*logits, self.gate_bias, self.config.memory_max_lr, self.state_dtype)
+        gates = _maybe_compiled(memory_gates, x.shape[1])
+        return gates(*logits, self.gate_bias, self.config.memory_max_lr, self.state_dtype)
 
     def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # y: (B, T, H, d)
         norm = self.output_norm
-        gated = _maybe_compiled(memory_output_gate)(y.to(x.dtype), self.g_proj(x), norm.weight, norm.variance_epsilon)
+        gate = _maybe_compiled(memory_output_gate, x.shape[1])
+        gated = gate(y.to(x.dtype), self.g_proj(x), norm.weight, norm.variance_epsilon)
         return self.o_proj(gated)
 
     def _batch_weights(self, batch_size: int) -> tuple[torch.Tensor, ...]:
@@ -2010,7 +2014,7 @@ class TitansNeuralMemory(nn.Module):
         """MAC's h_t = M*_{t-1}(q_t) (Eq. 21): read a given memory state, no update, from the query and gate
         projections of x (`q_proj(x)`, `g_proj(x)`: MAC projects all its segments at once)."""
         norm = self.output_norm
-        read = _maybe_compiled(memory_read)(
+        read = _maybe_compiled(memory_read, q.shape[1])(
             q, g, weights, norm.weight, norm.variance_epsilon, self.activation, self.num_heads, self.state_dtype
         )
         return self.o_proj(read)
@@ -2041,7 +2045,7 @@ class TitansNeuralMemory(nn.Module):
             padded, weight = torch.cat([conv_state.to(projected.dtype), projected], dim=1), self.conv_weight.t()
             if projected.shape[1] > 1:  # the taps as a (K, C) copy (`memory_qkv_activations`); a decoding step
                 weight = weight.contiguous()  # multiplies them once, as the strided view
-        q, k, v = _maybe_compiled(memory_qkv_activations)(
+        q, k, v = _maybe_compiled(memory_qkv_activations, projected.shape[1])(
             projected if padded is None else padded, None if weight is None else weight.to(projected.dtype),
             self.num_heads, self.state_dtype, self.config.memory_value_norm,
         )  # fmt: skip
@@ -2867,7 +2871,8 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
 
     def _gate(self, y: torch.Tensor, memory_out: torch.Tensor) -> torch.Tensor:
         a, m = self.attention_gate_norm, self.memory_gate_norm
-        return _maybe_compiled(memory_gate)(y, memory_out, a.weight, a.variance_epsilon, m.weight, m.variance_epsilon)
+        gate = _maybe_compiled(memory_gate, y.shape[1])
+        return gate(y, memory_out, a.weight, a.variance_epsilon, m.weight, m.variance_epsilon)
 
     def _attention(self, x, position_embeddings, positions, layer_cache, **kwargs):
         """Sliding-window attention. Long inputs without a cache go by time pieces (`_PIECE_ELEMENTS`), each seeing

@@ -229,6 +229,43 @@ def test_compiled_chunk_functions_trace_once_for_every_length(monkeypatch):
     assert [counter.frame_count for counter in counters] == [1, 1]
 
 
+def test_one_token_training_calls_keep_the_elementwise_functions_eager(monkeypatch):
+    """Under TITANS_MEMORY_KERNEL=compile, a training call on one token (here MAC's one-token slices of a left-padded
+    batch) runs the memory's elementwise functions eagerly: dynamo specialises a length of 1, so each function
+    compiled a third time, forward and backward, for these rare small calls. Longer calls still reach the compiled
+    functions. Checked on the calls (the compiled functions replaced by a recorder, no inductor)."""
+    import modeling_titans
+
+    model = tiny_model("mac", scale=0.1).train()
+    ids = torch.randint(2, 64, (3, 37), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :6], mask[2, :13] = 0, 0  # rows closing their segments at other positions: some slices of one token
+    taps = model.config.memory_conv_size - 1
+    # the token axis of each function's first argument (q/k/v: the K-1 conv-state projections come first)
+    lengths = {"memory_qkv_activations": lambda a: a.shape[1] - taps, "memory_chunk_coefficients": lambda a: a.shape[2]}
+    compiled_calls, one_token_steps = [], []
+
+    def recorder(fn):
+        def call(*args, **kwargs):
+            compiled_calls.append((fn.__name__, lengths.get(fn.__name__, lambda a: a.shape[1])(args[0])))
+            return fn(*args, **kwargs)
+
+        return call
+
+    decode_step = modeling_titans.TitansNeuralMemory._decode_step
+    monkeypatch.setattr(modeling_titans.TitansNeuralMemory, "_decode_step",
+                        lambda self, x, state: one_token_steps.append(1) or decode_step(self, x, state))  # fmt: skip
+    monkeypatch.setattr(modeling_titans, "_compiled_function", recorder)
+    eager_chunks = modeling_titans.memory_chunk_update, modeling_titans.memory_chunk_update_backward
+    monkeypatch.setattr(modeling_titans, "_compiled_chunk_functions", lambda: eager_chunks)
+    monkeypatch.setenv("TITANS_MEMORY_KERNEL", "compile")
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert one_token_steps, "the batch gave no one-token slice"
+    assert {name for name, _ in compiled_calls} >= {"memory_qkv_activations", "memory_gates", "memory_read",
+                                                    "memory_output_gate", "memory_gate"}  # fmt: skip
+    assert all(length > 1 for _, length in compiled_calls), sorted(set(compiled_calls))
+
+
 def test_compiled_conv_gets_its_taps_with_unit_stride(monkeypatch):
     """Under TITANS_MEMORY_KERNEL=compile the q/k/v function gets the ShortConv taps as a contiguous (K, C) copy of
     the (C, K) parameter: from the strided view inductor generated a scalar loop for the conv and its SiLU (forward
