@@ -678,8 +678,9 @@ def _maybe_compiled(fn, tokens: int | None = None):
     """fn torch.compile'd under `_use_compiled_memory` in training (inductor fuses its elementwise work), else fn.
     Without autograd (a prefill, once per prompt length) the graphs would be compiled again for a gain of a few
     milliseconds, before the decoding graph's own compile. A call on one token (`tokens`, the input's length) stays
-    eager too: dynamo specialises a length of 1, so MAC's one-token slices of a padded batch compiled each function
-    a third time (forward and backward, about 25 s) for calls that are rare and small."""
+    eager too: dynamo specialises a length of 1 (and the q/k/v function gets the conv taps in their decoding layout
+    there), so MAC's one-token slices of a padded batch compiled each function a third time, forward and backward
+    (13 s of inductor's time in `test_compiled_chunk_scan_matches_eager[mac]`), for calls that are rare and small."""
     return _compiled_function(fn) if _use_compiled_memory() and torch.is_grad_enabled() and tokens != 1 else fn
 
 
